@@ -1,0 +1,30 @@
+"""dask-fp: rapid visual search over aerial orthomosaics with CNN fingerprints and Dask.
+
+Importing the package has no side effects: no cluster starts, no model loads.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .errors import (  # noqa: E402
+    ClusterError,
+    DaskFpError,
+    QueryError,
+    RasterError,
+    StoreError,
+    StoreLockedError,
+    StoreMismatchError,
+    WeightsError,
+)
+from .ingest import IngestReport, ingest  # noqa: E402
+from .models import ModelOptions, embed  # noqa: E402
+from .raster import RasterOptions  # noqa: E402
+from .store import Store, open_store  # noqa: E402
+from .tiling import Tiling, make_uid, split_uid  # noqa: E402
+
+__all__ = [
+    "ClusterError", "DaskFpError", "IngestReport", "ModelOptions", "QueryError", "RasterError",
+    "RasterOptions", "Store", "StoreError", "StoreLockedError", "StoreMismatchError", "Tiling",
+    "WeightsError", "__version__", "embed", "ingest", "make_uid", "open_store", "split_uid",
+]

@@ -1,0 +1,252 @@
+"""The ``dask-fp`` command: parse arguments, call the library, print results.
+
+No logic lives here beyond turning arguments into option objects. Errors of
+the library (:class:`~dask_fp.errors.DaskFpError`) are printed as one line
+``dask-fp: error: …`` with exit status 1; usage errors exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__
+from .errors import DaskFpError
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated band numbers, got {text!r}") from None
+
+
+def _scale(text: str) -> Any:
+    if text == "percentile":
+        return "percentile"
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'percentile' or MIN,MAX, got {text!r}") from None
+    return (lo, hi)
+
+
+def _lonlat(text: str) -> tuple[float, float]:
+    try:
+        lon, lat = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LON,LAT in degrees, got {text!r}") from None
+    return (lon, lat)
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def _cluster_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("cluster")
+    g.add_argument("--scheduler", metavar="ADDR", help="address of a running Dask scheduler (tcp://host:8786)")
+    g.add_argument("--workers", type=_positive, metavar="N", help="local worker processes (default: cores/2)")
+    g.add_argument("--threads-per-worker", type=_positive, default=1, metavar="N")
+    g.add_argument("--memory-limit", default="auto", metavar="SIZE", help="per local worker, e.g. 4GiB")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dask-fp", description="Rapid visual search over aerial orthomosaics.")
+    p.add_argument("--version", action="version", version=f"dask-fp {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    ing = sub.add_parser("ingest", help="fingerprint orthomosaics into a store")
+    ing.add_argument("rasters", nargs="+", metavar="RASTER", help="GeoTIFF / COG files")
+    ing.add_argument("--store", required=True, help="store directory (created if missing)")
+    ing.add_argument("--model", default="resnet18", choices=["resnet18", "efficientnet-lite0"])
+    ing.add_argument("--weights", metavar="PATH|random", help="weights file, or 'random' (tests only)")
+    ing.add_argument("--seed", type=int, default=0, help="seed for --weights random")
+    ing.add_argument("--tile", type=_positive, default=256)
+    ing.add_argument("--stride", type=_positive, default=128)
+    ing.add_argument("--max-empty", type=float, default=0.5, metavar="FRACTION")
+    ing.add_argument("--chunk", type=_positive, default=2048, metavar="PX", help="raster chunk side")
+    ing.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    ing.add_argument("--bands", type=_int_list, metavar="R,G,B", help="1-based bands to use as RGB")
+    ing.add_argument("--replicate", action="store_true", help="repeat a single band as R, G and B")
+    ing.add_argument("--scale", type=_scale, metavar="percentile|MIN,MAX", help="scaling of non-uint8 data")
+    ing.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ing.add_argument("--batch-size", type=_positive, default=32)
+    ing.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait for another writer")
+    ing.add_argument("--quiet", action="store_true", help="no progress bar")
+    ing.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _cluster_args(ing)
+
+    inf = sub.add_parser("info", help="describe a store")
+    inf.add_argument("store")
+    inf.add_argument("--json", action="store_true")
+
+    q = sub.add_parser("query", help="find the tiles most like a picture, a uid or a place")
+    q.add_argument("store")
+    q.add_argument("--image", action="append", default=[], metavar="FILE")
+    q.add_argument("--uid", action="append", default=[], type=int)
+    q.add_argument("--lonlat", action="append", default=[], type=_lonlat, metavar="LON,LAT")
+    q.add_argument("-k", type=int, default=10, help="hits per query")
+    q.add_argument("--no-dedup", action="store_true", help="keep overlapping hits")
+    q.add_argument("--include-self", action="store_true", help="keep the query's own tiles")
+    q.add_argument("--out", metavar="DIR", help="write hits.csv, hits.geojson and mosaics here")
+    q.add_argument("--json", action="store_true")
+    q.add_argument("--weights", metavar="PATH|random", help="weights for image queries (default: the store's)")
+    q.add_argument("--persist", action="store_true", help="load the store into cluster memory first")
+    q.add_argument("--split-every", type=_positive, help="fan-in of the merge tree")
+    _cluster_args(q)
+
+    un = sub.add_parser("unlock", help="remove a stale writer lock")
+    un.add_argument("store")
+    un.add_argument("--force", action="store_true", help="remove even if the holder may be alive")
+    return p
+
+
+def _cluster(args: argparse.Namespace) -> Any:
+    from .cluster import ClusterOptions, get_client
+
+    return get_client(ClusterOptions(scheduler=args.scheduler, workers=args.workers,
+                                     threads_per_worker=args.threads_per_worker,
+                                     memory_limit=args.memory_limit))
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from .cluster import gpu_resources
+    from .ingest import ingest
+    from .models import ModelOptions
+    from .raster import RasterOptions
+    from .store import open_store
+    from .tiling import Tiling
+
+    try:
+        tiling = Tiling(args.tile, args.stride, args.max_empty)
+    except ValueError as e:
+        raise DaskFpError(str(e)) from None
+    raster = RasterOptions(bands=args.bands, replicate=args.replicate, scale=args.scale, chunk=args.chunk)
+    with _cluster(args) as client:
+        model = ModelOptions(name=args.model, weights=args.weights, seed=args.seed, device=args.device,
+                             batch_size=args.batch_size, resources=gpu_resources(client))
+        report = ingest(args.rasters, args.store, model=model, tiling=tiling, raster=raster, dtype=args.dtype,
+                        client=client, wait=args.wait, progress=not args.quiet)
+    info = open_store(args.store).info()
+    info["this_run"] = {"tiles_added": report.tiles, "seconds": round(report.seconds, 2),
+                        "tiles_per_second": round(report.tiles / report.seconds, 2) if report.seconds else None,
+                        "skipped": [s.path for s in report.sources if s.skipped]}
+    print(json.dumps(info, indent=2) if args.json else _format_info(info))
+    return 0
+
+
+def _format_info(info: dict[str, Any]) -> str:
+    mb = 1 / 2**20
+    lines = [
+        f"store      {info['path']}",
+        f"model      {info['model']} ({info['weights']}, sha256 {info['weights_sha256'][:12]}…), "
+        f"{info['feature_dim']}-d {info['dtype']}",
+        f"tiling     {info['tile']} px tiles, stride {info['stride']}, max empty {info['max_empty']}",
+        f"sources    {info['sources']}",
+        f"tiles      {info['tiles']} kept of {info['windows']} windows ({info['dropped_empty']} dropped as empty)",
+        f"bytes      fingerprints {info['fingerprint_bytes'] * mb:.2f} MiB, on disk "
+        f"{info['store_bytes_on_disk'] * mb:.2f} MiB"
+        + (f" ({info['bytes_per_tile_on_disk']:.0f} B/tile)" if info["bytes_per_tile_on_disk"] else ""),
+        f"compression {info['compression_uint8_pixels']:.0f}x vs uint8 pixels, "
+        f"{info['compression_float32_pixels']:.0f}x vs float32 pixels",
+        f"query cost {info['query_bytes_scanned'] * mb:.2f} MiB scanned per query (or batch of queries)",
+    ]
+    for s in info["source_table"]:
+        lines.append(f"  [{s['index']}] {s['path']}: {s['tiles']} tiles of {s['windows']} windows, "
+                     f"{s['crs_name'] or 'no CRS'}")
+    if "this_run" in info:
+        r = info["this_run"]
+        lines.append(f"this run   {r['tiles_added']} tiles in {r['seconds']} s ({r['tiles_per_second']} tiles/s)"
+                     + (f"; skipped {len(r['skipped'])} already stored" if r["skipped"] else ""))
+    return "\n".join(lines)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .store import open_store
+
+    info = open_store(args.store).info()
+    print(json.dumps(info, indent=2) if args.json else _format_info(info))
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from .export import write_outputs
+    from .models import ModelOptions
+    from .search import search
+    from .store import open_store
+
+    store = open_store(args.store)
+    model = None
+    if args.weights:
+        model = ModelOptions(name=store.attrs["model"], weights=args.weights,
+                             seed=int(store.attrs.get("weights_seed") or 0))
+    with _cluster(args):
+        if args.persist:
+            store.persist()
+        hits = search(store, images=args.image, uids=args.uid, lonlats=args.lonlat, k=args.k,
+                      dedup=not args.no_dedup, include_self=args.include_self, model=model,
+                      split_every=args.split_every)
+    files = write_outputs(hits, args.out) if args.out else None
+    if args.json:
+        out = {"queries": [{"index": i, "label": q.label, "hits": json.loads(
+            hits.for_query(i).drop(columns=["query", "label"]).to_json(orient="records"))}
+            for i, q in enumerate(hits.queries)]}
+        if files:
+            out["files"] = files
+        print(json.dumps(out, indent=2))
+        return 0
+    for i, q in enumerate(hits.queries):
+        t = hits.for_query(i)
+        print(f"query {i}: {q.label}")
+        print(t[["rank", "uid", "distance", "path", "wy", "wx", "lon", "lat"]].to_string(index=False))
+    if files:
+        print("wrote " + ", ".join([files["csv"], files["geojson"], *files["mosaics"]]))
+    return 0
+
+
+def cmd_unlock(args: argparse.Namespace) -> int:
+    from .store import break_lock, describe_lock
+
+    old = break_lock(args.store, force=args.force)
+    print("no lock to remove" if old is None else f"removed lock of {describe_lock(old)}")
+    return 0
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """``--lonlat -86.5,34.7`` → ``--lonlat=-86.5,34.7`` (argparse reads ``-86…`` as a flag)."""
+    out: list[str] = []
+    it = iter(argv)
+    for a in it:
+        if a in ("--lonlat", "--scale"):
+            nxt = next(it, None)
+            out.append(a if nxt is None else f"{a}={nxt}")
+        else:
+            out.append(a)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(_join_negative_values(list(sys.argv[1:] if argv is None else argv)))
+    handler = {"ingest": cmd_ingest, "info": cmd_info, "query": cmd_query, "unlock": cmd_unlock}[args.command]
+    try:
+        return handler(args)
+    except DaskFpError as e:
+        print(f"dask-fp: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("dask-fp: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Hits as files people can open: GeoJSON footprints, CSV, and a mosaic PNG.
+
+GeoJSON follows RFC 7946: WGS84 longitude/latitude, one Polygon per hit
+(the tile's footprint reprojected from its source CRS, corners densified so
+the outline stays true after reprojection). Hits from sources without a CRS
+cannot be placed on a map; their pixel footprints go to a separate file
+named ``*-pixels.geojson`` whose coordinates are (column, row) pixels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .raster import read_window
+from .tiling import window_rings
+
+if TYPE_CHECKING:
+    from .search import Hits
+
+DENSIFY = 8  # points per footprint edge when reprojecting
+
+
+def _ring(src: dict[str, Any], wy: int, wx: int, tile: int, stride: int) -> list[list[float]]:
+    """Footprint ring in WGS84 (lon, lat), densified, closed, counter-clockwise."""
+    from pyproj import Transformer
+
+    corners = window_rings(tuple(src["transform"]), np.array([wy]), np.array([wx]), tile=tile, stride=stride)[0]
+    pts = []
+    for a, b in zip(corners[:-1], corners[1:], strict=True):
+        for t in np.linspace(0.0, 1.0, DENSIFY, endpoint=False):
+            pts.append(a + (b - a) * t)
+    pts.append(corners[0])
+    xy = np.array(pts)
+    t = Transformer.from_crs(src["crs"], "EPSG:4326", always_xy=True)
+    lon, lat = t.transform(xy[:, 0], xy[:, 1])
+    ring = np.stack([lon, lat], axis=1)
+    if _signed_area(ring) < 0:  # RFC 7946: exterior rings are counter-clockwise
+        ring = ring[::-1]
+    return [[round(float(x), 9), round(float(y), 9)] for x, y in ring]
+
+
+def _signed_area(ring: np.ndarray) -> float:
+    x, y = ring[:, 0], ring[:, 1]
+    return 0.5 * float(np.sum(x[:-1] * y[1:] - x[1:] * y[:-1]))
+
+
+def hits_geojson(hits: Hits, path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """FeatureCollection of hit footprints (WGS84); writes ``path`` if given.
+
+    Hits from sources without a CRS are left out of it and written (when
+    ``path`` is given) to ``<stem>-pixels.geojson`` in pixel coordinates.
+    """
+    st = hits.store
+    tile, stride = int(st.attrs["tile"]), int(st.attrs["stride"])
+    sources = {s["index"]: s for s in st.sources}
+    geo, pix = [], []
+    for r in hits.table.itertuples(index=False):
+        src = sources[r.source]
+        props = {"query": int(r.query), "query_label": r.label, "rank": int(r.rank), "uid": int(r.uid),
+                 "distance": float(r.distance), "source": src["path"], "wy": int(r.wy), "wx": int(r.wx)}
+        if src.get("crs"):
+            ring = _ring(src, r.wy, r.wx, tile, stride)
+            geo.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}, "properties": props})
+        else:
+            c0, r0 = r.wx * stride, r.wy * stride
+            ring = [[c0, r0], [c0, r0 + tile], [c0 + tile, r0 + tile], [c0 + tile, r0], [c0, r0]]
+            pix.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}, "properties": props})
+    fc = {"type": "FeatureCollection", "features": geo}
+    if path is not None:
+        p = Path(path)
+        p.write_text(json.dumps(fc))
+        if pix:
+            other = p.with_name(p.stem + "-pixels.geojson")
+            other.write_text(json.dumps({"type": "FeatureCollection", "features": pix,
+                                         "dask_fp_note": "coordinates are (column, row) pixels of each source; no CRS"}))
+    return fc
+
+
+def tile_pixels(hits: Hits, source: int, wy: int, wx: int) -> np.ndarray:
+    """A stored tile's pixels, read back from its source orthomosaic."""
+    st = hits.store
+    src = {s["index"]: s for s in st.sources}[source]
+    return read_window(src, wy, wx, tile=int(st.attrs["tile"]), stride=int(st.attrs["stride"]))
+
+
+def mosaic(hits: Hits, query: int, path: str | os.PathLike[str], *, columns: int = 6, panel: int = 192) -> str:
+    """Write the query tile and its hits as a grid PNG (rank and distance under each).
+
+    The first panel is the query (framed in blue); the others are the hits in
+    rank order. Each panel is ``panel`` pixels square with a caption strip.
+    """
+    from PIL import Image, ImageDraw
+
+    q = hits.queries[query]
+    rows = hits.for_query(query)
+    if q.pixels is not None:
+        first = q.pixels
+    elif q.own is not None:
+        first = tile_pixels(hits, *q.own)
+    else:
+        first = np.zeros((panel, panel, 3), np.uint8)
+    panels = [(first, "query", q.label)]
+    for r in rows.itertuples(index=False):
+        panels.append((tile_pixels(hits, r.source, r.wy, r.wx), f"#{r.rank}  d={r.distance:.3g}",
+                       f"{Path(r.path).name} ({r.wy},{r.wx})"))
+    cap = 30
+    ncol = min(columns, len(panels))
+    nrow = -(-len(panels) // ncol)
+    pad = 6
+    canvas = Image.new("RGB", (ncol * (panel + pad) + pad, nrow * (panel + cap + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (pix, line1, line2) in enumerate(panels):
+        x0 = pad + (i % ncol) * (panel + pad)
+        y0 = pad + (i // ncol) * (panel + cap + pad)
+        canvas.paste(Image.fromarray(pix).resize((panel, panel), Image.Resampling.BILINEAR), (x0, y0))
+        if i == 0:
+            draw.rectangle([x0 - 3, y0 - 3, x0 + panel + 2, y0 + panel + 2], outline=(30, 90, 220), width=3)
+        draw.text((x0 + 2, y0 + panel + 2), line1, fill="black")
+        draw.text((x0 + 2, y0 + panel + 15), line2[:32], fill=(90, 90, 90))
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(p)
+    return str(p)
+
+
+def write_outputs(hits: Hits, out_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """``hits.csv``, ``hits.geojson`` (+ ``hits-pixels.geojson``) and one mosaic per query."""
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    hits.table.to_csv(d / "hits.csv", index=False)
+    hits_geojson(hits, d / "hits.geojson")
+    files: dict[str, Any] = {"csv": str(d / "hits.csv"), "geojson": str(d / "hits.geojson"), "mosaics": []}
+    if (d / "hits-pixels.geojson").exists():
+        files["geojson_pixels"] = str(d / "hits-pixels.geojson")
+    for i in range(len(hits.queries)):
+        name = "mosaic.png" if len(hits.queries) == 1 else f"mosaic-{i}.png"
+        files["mosaics"].append(mosaic(hits, i, d / name))
+    return files
