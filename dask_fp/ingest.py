@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DaskFpError, StoreMismatchError
+from .errors import DaskFpError, RasterError, StoreMismatchError
 from .fingerprint import BlockResult, block_tasks
 from .models import ModelOptions, ResolvedWeights, get_spec, resolve_weights
 from .raster import RasterOptions, RasterSpec, inspect_raster, open_raster
@@ -132,7 +132,7 @@ def ingest(
             da_raster = open_raster(spec, tiling, chunk=raster.chunk)
             tasks = block_tasks(da_raster, spec, tiling, model, weights)
             bar = _Progress(spec.path, n_wy * n_wx, progress)
-            results = _run_blocks(client, tasks, bar)
+            results = _run_blocks(client, tasks, bar, spec.path)
             batches = _rows(results, spec, index, tiling)
             entry = _source_entry(spec, index)
             n = writer.append(entry, batches, upper_bound=n_wy * n_wx)
@@ -165,8 +165,12 @@ def _source_entry(spec: RasterSpec, index: int) -> dict[str, Any]:
     }
 
 
-def _run_blocks(client: Any, tasks: list, bar: _Progress) -> Iterator[BlockResult]:
-    """Run block tasks on the cluster; yield results in block order as they become available."""
+def _run_blocks(client: Any, tasks: list, bar: _Progress, path: str) -> Iterator[BlockResult]:
+    """Run block tasks on the cluster; yield results in block order as they become available.
+
+    A failure inside a task (say, a read error in a damaged file) is raised as a
+    :class:`DaskFpError` naming the file and the block.
+    """
     from distributed import as_completed
 
     if not tasks:
@@ -177,7 +181,17 @@ def _run_blocks(client: Any, tasks: list, bar: _Progress) -> Iterator[BlockResul
     nxt = 0
     try:
         for fut in as_completed(futures):
-            res: BlockResult = fut.result()
+            try:
+                res: BlockResult = fut.result()
+            except DaskFpError:
+                raise
+            except Exception as e:
+                plan = tasks[order[fut.key]][0]
+                raise RasterError(
+                    f"{path}: block {plan.index} (windows {plan.wy0}..{plan.wy1 - 1} x"
+                    f" {plan.wx0}..{plan.wx1 - 1}) failed: {type(e).__name__}: {e}. Is the file"
+                    " complete and readable? Nothing of it was committed."
+                ) from None
             bar.update(res.n_windows, len(res.wy))
             ready[order[fut.key]] = res
             fut.release()

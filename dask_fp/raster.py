@@ -101,6 +101,7 @@ def inspect_raster(path: str | os.PathLike[str], options: RasterOptions = Raster
     import rasterio
     from rasterio.enums import ColorInterp
     from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+    from rasterio.windows import Window
 
     p = Path(path)
     if not p.exists():
@@ -125,6 +126,8 @@ def inspect_raster(path: str | os.PathLike[str], options: RasterOptions = Raster
                 if len(dtypes) > 1:
                     raise RasterError(f"{p}: bands have mixed data types {sorted(dtypes)}; convert to one type first.")
                 scale = _choose_scale(p, ds, dtype, bands, alpha, nodata, options.scale)
+                # A truncated file keeps its header; its last block is what goes missing.
+                ds.read(window=Window(max(width - 1, 0), max(height - 1, 0), 1, 1))
     except RasterioIOError as e:
         raise RasterError(
             f"{p}: not a readable raster ({_first_line(e)}). Is it a GeoTIFF/COG, and is it complete?"

@@ -1,0 +1,564 @@
+"""Query latency: dask-fp's exact k-NN against numpy, FAISS flat and the paper's method.
+
+Builds stores of random fingerprints (D = 512, float32) through the store
+API, then times, in one run on one machine:
+
+- the paper's method (section IV.2): a Python dict ``uid -> fingerprint``
+  walked item by item, keeping a sorted list of the k best;
+- numpy brute force over the in-memory matrix, with dask-fp's formula
+  ``‖x‖² − 2x·q + ‖q‖²``;
+- FAISS ``IndexFlatL2`` (faiss-cpu);
+- dask-fp ``search.knn`` and the whole ``search.search`` verb on a
+  distributed LocalCluster, with the store streamed from Zarr and persisted
+  in cluster memory.
+
+Each is timed for one query and for a batch of 100 (k = 10); the table shows
+medians over ``--repeats`` runs after one warm-up. dask-fp's rows are
+checked against numpy brute force.
+
+Run::
+
+    .venv/bin/python bench/query.py                 # 45,000 and 1,000,000 rows (~6 min, 2 cores)
+    .venv/bin/python bench/query.py --quick         # smoke run on tiny stores
+
+Results are written to ``<workdir>/query-results.json`` too; see
+docs/performance.md for a reading of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import ctypes
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DIM = 512
+K = 10
+BATCH = 100
+ROWS_PER_BATCH = 65_536
+PAPER_LIMIT_S = 60.0  # run the paper's method for real only when one run should take less
+CLUSTERS = {"2x1": (2, 1), "1x2": (1, 2)}  # workers x threads per worker
+
+
+def settings() -> Any:
+    from dask_fp.store import StoreSettings
+
+    return StoreSettings(model="resnet18", weights="random", weights_sha256="bench", feature_dim=DIM,
+                         tile=256, stride=128, max_empty=0.5, dtype="float32", normalisation="bench")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def fingerprint_block(n_rows: int, start: int, *, seed: int) -> np.ndarray:
+    """Rows ``start .. start + n_rows`` of the random fingerprints (deterministic per block)."""
+    rng = np.random.default_rng([seed, start])
+    return rng.random((n_rows, DIM), dtype=np.float32)
+
+
+def make_queries(n: int, *, seed: int) -> np.ndarray:
+    """Query vectors from the fingerprints' distribution, not taken from the store."""
+    return np.random.default_rng([seed, 10**9]).random((n, DIM), dtype=np.float32)
+
+
+def build_store(path: Path, n: int, *, seed: int, log: Callable[[str], None]) -> tuple[Any, float]:
+    """A store of ``n`` random fingerprints at ``path``; reused when it already holds them."""
+    from dask_fp.errors import StoreError
+    from dask_fp.store import open_store, open_writer
+    from dask_fp.tiling import make_uid
+
+    sha = f"bench-random-{n}-seed{seed}"
+    if path.exists():
+        try:
+            st = open_store(path)
+            srcs = st.sources
+            if (st.committed == n and not settings().differences(st.attrs) and len(srcs) == 1
+                    and srcs[0]["sha256"] == sha):
+                log(f"store {path}: reusing {n:,} rows")
+                return st, 0.0
+        except StoreError:
+            pass
+        log(f"store {path}: wrong contents, rebuilding")
+        shutil.rmtree(path)
+    t0 = time.perf_counter()
+    nx = math.ceil(math.sqrt(n))
+    ny = math.ceil(n / nx)
+    tile, stride = 256, 128
+    entry = {
+        "index": 0, "path": f"random fingerprints ({n} rows, seed {seed})", "sha256": sha,
+        "crs": None, "crs_name": None, "transform": [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0],
+        "shape": [(ny - 1) * stride + tile, (nx - 1) * stride + tile], "bands": [1, 2, 3],
+        "alpha": None, "nodata": None, "scale": None, "dtype": "uint8",
+    }
+
+    def batches() -> Iterator[dict[str, np.ndarray]]:
+        for start in range(0, n, ROWS_PER_BATCH):
+            m = min(ROWS_PER_BATCH, n - start)
+            r = np.arange(start, start + m)
+            wy, wx = (r // nx).astype(np.int32), (r % nx).astype(np.int32)
+            x = wx * stride + tile / 2
+            y = wy * stride + tile / 2
+            yield {"fingerprint": fingerprint_block(m, start, seed=seed), "uid": make_uid(0, wy, wx),
+                   "source": np.zeros(m, np.int32), "wy": wy, "wx": wx, "x": x, "y": y,
+                   "lon": np.full(m, np.nan), "lat": np.full(m, np.nan)}
+
+    with open_writer(path, settings()) as w:
+        got = w.append(entry, batches(), upper_bound=n)
+    assert got == n, (got, n)
+    took = time.perf_counter() - t0
+    log(f"store {path}: wrote {n:,} rows in {took:.1f} s")
+    return open_store(path), took
+
+
+# --------------------------------------------------------------------------- methods
+
+
+def numpy_knn(x: np.ndarray, norm2: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Brute force with dask-fp's formula; sorted by (distance, row)."""
+    qn = np.einsum("ij,ij->i", q, q)
+    d = q @ x.T
+    d *= -2.0
+    d += norm2[None, :]
+    d += qn[:, None]
+    np.maximum(d, 0.0, out=d)
+    idx = np.argpartition(d, k - 1, axis=1)[:, :k]
+    dd = np.take_along_axis(d, idx, axis=1)
+    order = np.lexsort((idx, dd), axis=1)
+    return np.take_along_axis(dd, order, axis=1), np.take_along_axis(idx, order, axis=1).astype(np.int64)
+
+
+def paper_knn(fingerprints: dict[int, np.ndarray], q: np.ndarray, k: int) -> list[tuple[float, int]]:
+    """The paper's section IV.2: walk every item, keep a sorted list of the k best.
+
+    Written generously: the list is only touched when an item beats its worst.
+    """
+    best: list[tuple[float, int]] = []
+    for uid, v in fingerprints.items():
+        d = float(np.linalg.norm(v - q))
+        if len(best) < k:
+            bisect.insort(best, (d, uid))
+        elif d < best[-1][0]:
+            bisect.insort(best, (d, uid))
+            best.pop()
+    return best
+
+
+# --------------------------------------------------------------------------- timing
+
+
+@dataclass
+class Timing:
+    runs: list[float] = field(default_factory=list)
+    note: str = ""  # "extrapolated", "1 run", ...
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.runs)
+
+
+def measure(fn: Callable[[], Any], *, repeats: int, warmup: int = 1, budget_s: float = 45.0) -> Timing:
+    """Median wall time of ``fn`` over ``repeats`` runs after ``warmup``; fewer if over budget."""
+    t_start = time.perf_counter()
+    for _ in range(warmup):
+        fn()
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - t0)
+        if time.perf_counter() - t_start > budget_s:
+            break
+    note = f"{len(runs)} runs" if len(runs) < repeats else ""
+    return Timing(runs, note)
+
+
+def check_rows(name: str, got: np.ndarray, want: np.ndarray, x: np.ndarray, q: np.ndarray) -> str:
+    """Assert that ``got`` rows equal brute force; allow only float32 near-ties, verified in float64."""
+    if np.array_equal(got, want):
+        return "equal"
+    bad = np.flatnonzero((got != want).any(axis=1))
+    for i in bad:
+        dg = np.sort(((x[got[i]].astype(np.float64) - q[i]) ** 2).sum(1))
+        dw = np.sort(((x[want[i]].astype(np.float64) - q[i]) ** 2).sum(1))
+        assert np.allclose(dg, dw, rtol=1e-5, atol=1e-4), (
+            f"{name}: query {i} differs from numpy brute force beyond float32 ties:\n{got[i]}\n{want[i]}")
+    return f"equal up to float32 near-ties in {len(bad)} of {len(got)} queries"
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def blas_info() -> list[dict[str, Any]]:
+    """BLAS libraries in this process: threadpoolctl's view, or the same read through ctypes."""
+    try:
+        from threadpoolctl import threadpool_info
+
+        return [{k: v for k, v in d.items() if k in ("internal_api", "version", "architecture",
+                                                     "num_threads", "threading_layer", "filepath")}
+                for d in threadpool_info()]
+    except ImportError:
+        pass
+    out = []
+    with open("/proc/self/maps") as f:
+        libs = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line})
+    for path in libs:
+        lib = ctypes.CDLL(path)
+        info: dict[str, Any] = {"internal_api": "openblas", "filepath": path}
+        for prefix in ("scipy_openblas", "openblas"):
+            for suffix in ("64_", ""):
+                try:
+                    corename = getattr(lib, f"{prefix}_get_corename{suffix}")
+                    config = getattr(lib, f"{prefix}_get_config{suffix}")
+                    threads = getattr(lib, f"{prefix}_get_num_threads{suffix}")
+                except AttributeError:
+                    continue
+                corename.restype = config.restype = ctypes.c_char_p
+                info.update(architecture=corename().decode(), config=config().decode(),
+                            num_threads=threads())
+                break
+            if "architecture" in info:
+                break
+        out.append(info)
+    return out
+
+
+def environment() -> dict[str, Any]:
+    import dask
+    import distributed
+    import zarr
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    env = {
+        "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+        "numpy": np.__version__, "dask": dask.__version__, "distributed": distributed.__version__,
+        "zarr": zarr.__version__,
+        "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE", "(unset)"),
+        "OPENBLAS_L2_SIZE": os.environ.get("OPENBLAS_L2_SIZE", "(unset)"),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "(unset)"),
+    }
+    try:
+        import faiss
+
+        env["faiss"] = faiss.__version__
+        env["faiss_omp_threads"] = faiss.omp_get_max_threads()
+    except ImportError:
+        env["faiss"] = "(not installed)"
+    env["blas"] = blas_info()
+    return env
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def profile_knn(client: Any, store: Any, q: np.ndarray) -> dict[str, Any]:
+    """One knn call under the task stream: task count and compute seconds per task prefix."""
+    from distributed import get_task_stream
+
+    from dask_fp.search import knn
+
+    t0 = time.perf_counter()
+    with get_task_stream(client) as ts:
+        knn(store.fingerprints(), store.norm2(), q, K)
+    wall = time.perf_counter() - t0
+    per: dict[str, float] = defaultdict(float)
+    count: dict[str, int] = defaultdict(int)
+    for t in ts.data:
+        prefix = str(t["key"][0] if isinstance(t["key"], tuple) else t["key"]).rsplit("-", 1)[0]
+        for s in t["startstops"]:
+            if s["action"] == "compute":
+                per[prefix] += s["stop"] - s["start"]
+        count[prefix] += 1
+    return {"wall_s": wall, "tasks": len(ts.data),
+            "compute_s": {p: round(v, 4) for p, v in sorted(per.items(), key=lambda kv: -kv[1])},
+            "count": dict(count)}
+
+
+def run_daskfp(path: Path, sizes_q: dict[str, np.ndarray], oracle: dict[str, np.ndarray],
+               x: np.ndarray | None, *, cluster: str, repeats: int, results: dict[str, Timing],
+               log: Callable[[str], None], profile: bool) -> dict[str, Any]:
+    from distributed import futures_of, wait
+
+    from dask_fp.cluster import ClusterOptions, get_client
+    from dask_fp.search import Query, knn, search
+    from dask_fp.store import open_store
+
+    workers, threads = CLUSTERS[cluster]
+    extra: dict[str, Any] = {}
+    with get_client(ClusterOptions(workers=workers, threads_per_worker=threads, dashboard=False),
+                    log=log) as client:
+        for mode in ("streamed", "persisted"):
+            st = open_store(path)
+            if mode == "persisted":
+                t0 = time.perf_counter()
+                st.persist()
+                wait(futures_of(st.fingerprints()) + futures_of(st.norm2()))
+                extra["persist_s"] = time.perf_counter() - t0
+            for label, q in sizes_q.items():
+                dist, rows = knn(st.fingerprints(), st.norm2(), q, K)
+                if x is not None:
+                    extra[f"check {mode} {label}"] = check_rows(f"dask-fp {mode}", rows, oracle[label], x, q)
+                results[f"knn {mode} {label}"] = measure(
+                    lambda q=q, st=st: knn(st.fingerprints(), st.norm2(), q, K), repeats=repeats)
+                queries = [Query(f"q{i}", v) for i, v in enumerate(q)]
+                results[f"search {mode} {label}"] = measure(
+                    lambda qs=queries, st=st: search(st, qs, k=K), repeats=repeats)
+                log(f"  dask-fp {cluster} {mode} {label}: knn {results[f'knn {mode} {label}'].median*1e3:.1f} ms,"
+                    f" search {results[f'search {mode} {label}'].median*1e3:.1f} ms")
+            if profile:
+                extra[f"profile {mode} single"] = profile_knn(client, st, sizes_q["single"])
+                extra[f"profile {mode} batch"] = profile_knn(client, st, sizes_q["batch"])
+            del st
+    return extra
+
+
+def run_size(n: int, args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
+    from dask_fp.store import open_store
+
+    path = Path(args.workdir) / f"query-{n}.zarr"
+    st, build_s = build_store(path, n, seed=args.seed, log=log)
+    res: dict[str, Timing] = {}
+    info: dict[str, Any] = {"rows": n, "build_s": build_s, "chunk_rows": st.arrays["fingerprint"].chunks[0],
+                            "chunks": math.ceil(n / st.arrays["fingerprint"].chunks[0])}
+    qs = {"single": make_queries(1, seed=args.seed), "batch": make_queries(BATCH, seed=args.seed)}
+
+    # numpy brute force: the oracle and a baseline.
+    t0 = time.perf_counter()
+    x = np.asarray(open_store(path).arrays["fingerprint"][:n])
+    norm2 = np.asarray(open_store(path).arrays["norm2"][:n])
+    info["load_s"] = time.perf_counter() - t0
+    oracle = {label: numpy_knn(x, norm2, q, K)[1] for label, q in qs.items()}
+    for label, q in qs.items():
+        res[f"numpy {label}"] = measure(lambda q=q: numpy_knn(x, norm2, q, K), repeats=args.repeats)
+    log(f"  numpy: {res['numpy single'].median*1e3:.1f} / {res['numpy batch'].median*1e3:.1f} ms")
+
+    # FAISS flat.
+    try:
+        import faiss
+    except ImportError:
+        faiss = None
+        log("  faiss-cpu is not installed: FAISS rows skipped (pip install faiss-cpu)")
+    if faiss is not None:
+        t0 = time.perf_counter()
+        index = faiss.IndexFlatL2(DIM)
+        index.add(x)
+        info["faiss_add_s"] = time.perf_counter() - t0
+        for label, q in qs.items():
+            _, fi = index.search(q, K)
+            info[f"faiss agrees {label}"] = float((fi == oracle[label]).mean())
+            res[f"faiss {label}"] = measure(lambda q=q: index.search(q, K), repeats=args.repeats)
+        log(f"  faiss: {res['faiss single'].median*1e3:.1f} / {res['faiss batch'].median*1e3:.1f} ms")
+        del index
+
+    # The paper's method: run when one run should take under PAPER_LIMIT_S, else extrapolate.
+    per_row = args._paper_per_row
+    est_single = per_row * n if per_row else 0.0
+    if est_single < PAPER_LIMIT_S:
+        t0 = time.perf_counter()
+        uids = np.asarray(open_store(path).arrays["uid"][:n])
+        fps = {int(u): x[i].copy() for i, u in enumerate(uids)}
+        info["paper_dict_s"] = time.perf_counter() - t0
+        row_of = {int(u): i for i, u in enumerate(uids)}
+        small = est_single * 3 < 20.0  # affordable to repeat
+        got = paper_knn(fps, qs["single"][0], K)
+        assert [row_of[u] for _, u in got] == oracle["single"][0].tolist(), "paper's method disagrees"
+        t = measure(lambda: paper_knn(fps, qs["single"][0], K), repeats=args.repeats if small else 1,
+                    warmup=1 if small else 0, budget_s=30.0)
+        if not small:
+            t.note = "1 run"
+        res["paper single"] = t
+        args._paper_per_row = per_row = t.median / n
+        est_batch = t.median * BATCH
+        if est_batch < PAPER_LIMIT_S:
+            t0 = time.perf_counter()
+            for v in qs["batch"]:
+                paper_knn(fps, v, K)
+            res["paper batch"] = Timing([time.perf_counter() - t0], "1 run")
+        else:
+            res["paper batch"] = Timing([est_batch], "extrapolated: 100 x single")
+        del fps
+    else:
+        res["paper single"] = Timing([est_single], "extrapolated from the smaller store")
+        res["paper batch"] = Timing([est_single * BATCH], "extrapolated from the smaller store")
+    log(f"  paper: {res['paper single'].median*1e3:.1f} / {res['paper batch'].median*1e3:.1f} ms"
+        f" {res['paper batch'].note}")
+
+    # dask-fp, per cluster layout.
+    keep_x = x if args.check else None
+    for cluster in args.clusters:
+        sub: dict[str, Timing] = {}
+        extra = run_daskfp(path, qs, oracle, keep_x, cluster=cluster, repeats=args.repeats, results=sub,
+                           log=log, profile=args.profile)
+        for key, v in sub.items():
+            res[f"dask-fp[{cluster}] {key}"] = v
+        info[f"dask-fp[{cluster}]"] = extra
+    del x, keep_x
+    return {"info": info, "timings": res}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def fmt_ms(t: Timing | None) -> str:
+    if t is None:
+        return "-"
+    ms = t.median * 1e3
+    s = f"{ms:,.0f}" if ms >= 100 else f"{ms:.3g}"
+    return ("~" if t.note.startswith("extrapolated") else "") + s
+
+
+def best_cluster(all_res: dict[int, dict[str, Any]], clusters: Sequence[str]) -> str:
+    """The layout with the smaller sum of dask-fp knn medians (relative to its size's best)."""
+    score = {}
+    for c in clusters:
+        s = 0.0
+        for r in all_res.values():
+            for mode in ("streamed", "persisted"):
+                for label in ("single", "batch"):
+                    best = min(r["timings"][f"dask-fp[{cc}] knn {mode} {label}"].median for cc in clusters)
+                    s += r["timings"][f"dask-fp[{c}] knn {mode} {label}"].median / best
+        score[c] = s
+    return min(score, key=score.__getitem__)
+
+
+def report(all_res: dict[int, dict[str, Any]], clusters: Sequence[str]) -> tuple[str, dict[str, Any]]:
+    sizes = sorted(all_res)
+    rows: list[tuple[str, str]] = [
+        ("paper's method (dict walk, sorted top-k)", "paper"),
+        ("numpy brute force (in memory)", "numpy"),
+        ("FAISS IndexFlatL2", "faiss"),
+    ]
+    for c in clusters:
+        w, t = CLUSTERS[c]
+        lay = f"{w} worker{'s' if w > 1 else ''} x {t} thread{'s' if t > 1 else ''}"
+        for mode in ("streamed", "persisted"):
+            rows.append((f"dask-fp knn, {mode} [{lay}]", f"dask-fp[{c}] knn {mode}"))
+            rows.append((f"dask-fp search(), {mode} [{lay}]", f"dask-fp[{c}] search {mode}"))
+    w0 = max(len(r[0]) for r in rows)
+    head1 = " " * w0 + "".join(f" | {f'{n:,} rows':^21}" for n in sizes)
+    head2 = f"{'median wall time, ms (k = 10)':<{w0}}" + "".join(f" | {'1 query':>9} {'100 q.':>11}" for _ in sizes)
+    lines = [head1, head2, "-" * len(head2)]
+    for label, key in rows:
+        cells = ""
+        for n in sizes:
+            t = all_res[n]["timings"]
+            cells += f" | {fmt_ms(t.get(f'{key} single')):>9} {fmt_ms(t.get(f'{key} batch')):>11}"
+        lines.append(f"{label:<{w0}}{cells}")
+    notes = sorted({f"{k} @ {n:,}: {v.note}" for n in sizes for k, v in all_res[n]["timings"].items() if v.note})
+    if notes:
+        lines.append("")
+        lines.append("notes: ~ = extrapolated; " + "; ".join(notes))
+    best = best_cluster(all_res, clusters)
+    ratios: dict[str, Any] = {"best_cluster": best}
+    lines.append("")
+    lines.append(f"ratios (dask-fp on the better layout, {best}):")
+    small, large = sizes[0], sizes[-1]
+    for mode in ("streamed", "persisted"):
+        for label in ("single", "batch"):
+            t = all_res[small]["timings"]
+            r = t[f"paper {label}"].median / t[f"dask-fp[{best}] knn {mode} {label}"].median
+            ratios[f"paper/dask-fp {mode} {label} @{small}"] = r
+            lines.append(f"  {small:>9,} rows, {label:6}: dask-fp {mode:9} is {r:8.1f}x faster than the"
+                         f" paper's method (goal >= 100x: {'met' if r >= 100 else 'MISSED'})")
+    if "faiss single" in all_res[large]["timings"]:
+        for mode in ("persisted", "streamed"):
+            for label in ("single", "batch"):
+                t = all_res[large]["timings"]
+                r = t[f"dask-fp[{best}] knn {mode} {label}"].median / t[f"faiss {label}"].median
+                ratios[f"dask-fp {mode}/faiss {label} @{large}"] = r
+                goal = f" (goal <= 1.0x: {'met' if r <= 1.0 else 'MISSED'})" if mode == "persisted" else ""
+                lines.append(f"  {large:>9,} rows, {label:6}: dask-fp {mode:9} takes {r:6.2f}x FAISS"
+                             f" flat's time{goal}")
+        for label in ("single", "batch"):
+            t = all_res[large]["timings"]
+            r = t[f"dask-fp[{best}] knn persisted {label}"].median / t[f"numpy {label}"].median
+            ratios[f"dask-fp persisted/numpy {label} @{large}"] = r
+            lines.append(f"  {large:>9,} rows, {label:6}: dask-fp persisted takes {r:6.2f}x numpy's time")
+    return "\n".join(lines), ratios
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="45000,1000000", help="store sizes in rows (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs after one warm-up (default: %(default)s)")
+    p.add_argument("--workdir", default=str(REPO / "bench-output"), help="where the stores go (default: %(default)s)")
+    p.add_argument("--clusters", default="2x1",
+                   help="LocalCluster layouts to time, workers x threads: 2x1, 1x2 or both (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="smoke run: sizes 5000,20000, 2 repeats")
+    p.add_argument("--no-profile", dest="profile", action="store_false",
+                   help="skip the task-stream profile of one knn call")
+    p.add_argument("--no-check", dest="check", action="store_false",
+                   help="skip checking dask-fp's rows against numpy")
+    a = p.parse_args(argv)
+    if a.quick:
+        if a.sizes == p.get_default("sizes"):
+            a.sizes = "5000,20000"
+        if a.repeats == p.get_default("repeats"):
+            a.repeats = 2
+    a.sizes = [int(s.replace("_", "")) for s in str(a.sizes).split(",") if s]
+    a.clusters = [c.strip() for c in a.clusters.split(",") if c.strip()]
+    bad = [c for c in a.clusters if c not in CLUSTERS]
+    if bad or not a.clusters:
+        p.error(f"--clusters: choose from {', '.join(CLUSTERS)}; got {a.clusters}")
+    if a.repeats < 1:
+        p.error("--repeats must be at least 1")
+    a._paper_per_row = None
+    return a
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; print and return ``{"table", "ratios", "environment", "results"}``."""
+    args = parse(argv)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    t_all = time.perf_counter()
+    env = environment()
+    log("environment: " + json.dumps({k: v for k, v in env.items() if k != "blas"}))
+    for b in env["blas"]:
+        log(f"blas: {b}")
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    all_res = {}
+    for n in sorted(args.sizes):
+        log(f"== {n:,} rows")
+        all_res[n] = run_size(n, args, log)
+    table, ratios = report(all_res, args.clusters)
+    elapsed = time.perf_counter() - t_all
+    print(table)
+    print(f"\n(total benchmark time {elapsed:.0f} s)")
+    out = {
+        "argv": list(argv) if argv is not None else sys.argv[1:], "environment": env,
+        "table": table, "ratios": ratios, "elapsed_s": elapsed,
+        "results": {str(n): {"info": r["info"],
+                             "timings_ms": {k: {"median": v.median * 1e3, "runs": [x * 1e3 for x in v.runs],
+                                                "note": v.note} for k, v in r["timings"].items()}}
+                    for n, r in all_res.items()},
+    }
+    Path(args.workdir, "query-results.json").write_text(json.dumps(out, indent=1, default=str))
+    return out
+
+
+if __name__ == "__main__":
+    main()
