@@ -408,13 +408,16 @@ class StoreWriter:
         for arr in self.arrays.values():
             arr.resize((start + n, *arr.shape[1:]))
         entry = {**entry, "rows": [start, start + n], "tiles": n, "windows": upper_bound,
-                 "dropped": upper_bound - n, "committed_at": _now()}
-        sources = [*self.attrs.get("sources", []), entry]
-        # The commit: one metadata update of the group, then the consolidated view.
-        self.group.attrs.update({"sources": sources, "committed": start + n})
+                 "dropped": upper_bound - n}
+        self._commit(entry, start + n)
+        return n
+
+    def _commit(self, entry: dict[str, Any], committed: int) -> None:
+        """Make a source visible: one metadata update of the group, then the consolidated view."""
+        sources = [*self.attrs.get("sources", []), {**entry, "committed_at": _now()}]
+        self.group.attrs.update({"sources": sources, "committed": committed})
         self.attrs = dict(self.group.attrs)
         self._consolidate()
-        return n
 
     def _consolidate(self) -> None:
         import warnings
