@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--scale", type=_scale, metavar="percentile|MIN,MAX", help="scaling of non-uint8 data")
     ing.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ing.add_argument("--batch-size", type=_positive, default=32)
+    ing.add_argument("--input-size", type=_positive, metavar="PX",
+                     help="resize windows to PX square before the model (default: as cut)")
     ing.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait for another writer")
     ing.add_argument("--quiet", action="store_true", help="no progress bar")
     ing.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -134,7 +136,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     raster = RasterOptions(bands=args.bands, replicate=args.replicate, scale=args.scale, chunk=args.chunk)
     with _cluster(args) as client:
         model = ModelOptions(name=args.model, weights=args.weights, seed=args.seed, device=args.device,
-                             batch_size=args.batch_size, resources=gpu_resources(client))
+                             batch_size=args.batch_size, resources=gpu_resources(client),
+                             input_size=args.input_size)
         report = ingest(args.rasters, args.store, model=model, tiling=tiling, raster=raster, dtype=args.dtype,
                         client=client, wait=args.wait, progress=not args.quiet)
     info = open_store(args.store).info()
@@ -189,7 +192,8 @@ def cmd_query(args: argparse.Namespace) -> int:
     model = None
     if args.weights:
         model = ModelOptions(name=store.attrs["model"], weights=args.weights,
-                             seed=int(store.attrs.get("weights_seed") or 0))
+                             seed=int(store.attrs.get("weights_seed") or 0),
+                             input_size=store.attrs.get("input_size"))
     with _cluster(args):
         if args.persist:
             store.persist()

@@ -57,6 +57,7 @@ def make_settings(model: ModelOptions, weights: ResolvedWeights, tiling: Tiling,
         model=spec.name, weights=weights.kind, weights_sha256=weights.sha256, feature_dim=spec.dim,
         tile=tiling.tile, stride=tiling.stride, max_empty=float(tiling.max_empty), dtype=dtype,
         normalisation=spec.normalisation, weights_seed=model.seed if weights.kind == "random" else None,
+        input_size=model.input_size,
     )
 
 

@@ -74,6 +74,11 @@ class ModelOptions:
         Torch intra-op threads per model call on the CPU (0: leave torch's default).
     resources : tuple of (str, float), optional
         Dask worker resources the model tasks require (e.g. ``(("GPU", 1),)``).
+    input_size : int, optional
+        Resize windows to this many pixels square (bilinear, antialiased) before
+        the model sees them; None feeds the window at its own size. Useful for
+        small tiles of coarse imagery (e.g. 32 px Sentinel-2 tiles shown to the
+        network at 224 px).
     """
 
     name: str = "resnet18"
@@ -83,6 +88,7 @@ class ModelOptions:
     batch_size: int = 32
     threads: int = 0
     resources: tuple[tuple[str, float], ...] | None = None
+    input_size: int | None = None
 
 
 def _resnet18() -> Any:
@@ -346,6 +352,12 @@ class LoadedModel:
                     x = x.pin_memory().to(self.device, non_blocking=True)
                     x = x.contiguous(memory_format=torch.channels_last)
                 x = (x.float() - self.mean) / self.std
+                size = self.options.input_size
+                if size and tuple(x.shape[-2:]) != (size, size):
+                    x = torch.nn.functional.interpolate(
+                        x, size=(size, size), mode="bilinear", align_corners=False,
+                        antialias=size < x.shape[-1],
+                    )
                 if self.cuda:
                     with torch.autocast("cuda", dtype=torch.bfloat16):
                         y = self.net(x)

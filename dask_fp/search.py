@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -28,7 +28,7 @@ import pandas as pd
 from .errors import QueryError
 from .models import ModelOptions, resolve_weights
 from .store import Store, open_store
-from .tiling import Tiling, split_uid, window_at_pixel, windows_overlap
+from .tiling import Tiling, split_uid, windows_overlap
 
 # --------------------------------------------------------------------------- kernels
 
@@ -262,7 +262,9 @@ def model_for_store(store: Store, model: ModelOptions | None = None) -> ModelOpt
     if model is None:
         random = a.get("weights") == "random"
         model = ModelOptions(name=a["model"], weights="random" if random else None,
-                             seed=int(a.get("weights_seed") or 0))
+                             seed=int(a.get("weights_seed") or 0), input_size=a.get("input_size"))
+    elif model.input_size != a.get("input_size"):
+        model = replace(model, input_size=a.get("input_size"))
     if model.name != a["model"]:
         raise QueryError(f"{store.path} holds {a['model']} fingerprints; cannot query it with {model.name}.")
     w = resolve_weights(model)
@@ -332,16 +334,21 @@ def lonlat_queries(store: Store, points: Sequence[tuple[float, float]]) -> list[
             t = Transformer.from_crs("EPSG:4326", src["crs"], always_xy=True)
             x, y = t.transform(lon, lat)
             row, col = _xy_to_pixel(src["transform"], x, y)
-            from .tiling import grid_shape
+            if not (np.isfinite(row) and np.isfinite(col)):  # outside the CRS's area of use
+                continue
+            from .tiling import _covering, grid_shape
 
             ny, nx = grid_shape(*src["shape"], tile=tiling.tile, stride=tiling.stride)
-            w = window_at_pixel(row, col, n_wy=ny, n_wx=nx, tile=tiling.tile, stride=tiling.stride)
-            if w is None or (src["index"], *w) not in index:
-                continue
-            d = ((w[0] * tiling.stride + tiling.tile / 2 - row) ** 2
-                 + (w[1] * tiling.stride + tiling.tile / 2 - col) ** 2) / tiling.tile**2
-            if best is None or d < best[0]:
-                best = (d, index[(src["index"], *w)])
+            # Among the *stored* windows that hold the point, the nearest centre (a window
+            # dropped as empty may be the nearest one while a stored neighbour holds the point).
+            for wy in _covering(row, ny, tiling.tile, tiling.stride):
+                for wx in _covering(col, nx, tiling.tile, tiling.stride):
+                    if (src["index"], wy, wx) not in index:
+                        continue
+                    d = ((wy * tiling.stride + tiling.tile / 2 - row) ** 2
+                         + (wx * tiling.stride + tiling.tile / 2 - col) ** 2) / tiling.tile**2
+                    if best is None or d < best[0]:
+                        best = (d, index[(src["index"], wy, wx)])
         if best is None:
             raise QueryError(
                 f"no stored tile contains lon/lat {lon},{lat}; `dask-fp info {store.path}` lists"

@@ -48,7 +48,7 @@ COORD_DTYPES = {
 }
 LOCK_NAME = "writer.lock"
 #: Settings that must match between a store and an ingest or query.
-SETTING_KEYS = ("model", "weights_sha256", "feature_dim", "tile", "stride", "max_empty", "dtype")
+SETTING_KEYS = ("model", "weights_sha256", "feature_dim", "tile", "stride", "max_empty", "dtype", "input_size")
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,7 @@ class StoreSettings:
     dtype: str
     normalisation: str
     weights_seed: int | None = None
+    input_size: int | None = None
 
     def differences(self, attrs: dict[str, Any]) -> list[str]:
         mine = asdict(self)
