@@ -268,7 +268,12 @@ def _sha256(path: Path) -> str:
 
 def random_weights_sha256(spec: ModelSpec, seed: int) -> str:
     """Hash of the seeded random state dict (identifies it in a store)."""
-    model = _build_random(spec, seed)
+    return _random_sha256(spec.name, seed)
+
+
+@functools.lru_cache(maxsize=8)
+def _random_sha256(name: str, seed: int) -> str:
+    model = _build_random(get_spec(name), seed)
     h = hashlib.sha256()
     for k, v in model.state_dict().items():
         h.update(k.encode())
