@@ -53,9 +53,16 @@ def _positive(text: str) -> int:
 
 
 def _cluster_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("cluster")
+    g = p.add_argument_group("cluster", "where the work runs; the dashboard link is printed either way."
+                             " slurm/pbs read Dask's jobqueue config (~/.config/dask/jobqueue.yaml)")
+    g.add_argument("--cluster", default="local", choices=["local", "slurm", "pbs", "local-cuda"],
+                   help="kind of cluster to start (default: local)")
     g.add_argument("--scheduler", metavar="ADDR", help="address of a running Dask scheduler (tcp://host:8786)")
-    g.add_argument("--workers", type=_positive, metavar="N", help="local worker processes (default: cores/2)")
+    g.add_argument("--workers", type=_positive, metavar="N",
+                   help="local / local-cuda worker processes (default: cores/2; local-cuda: one per GPU)")
+    g.add_argument("--jobs", type=_positive, metavar="N", help="slurm/pbs: batch jobs to submit (default 1)")
+    g.add_argument("--cores", type=_positive, metavar="N", help="slurm/pbs: cores per job (default: jobqueue config)")
+    g.add_argument("--memory", metavar="SIZE", help="slurm/pbs: memory per job, e.g. 16GiB (default: jobqueue config)")
     g.add_argument("--threads-per-worker", type=_positive, default=1, metavar="N")
     g.add_argument("--memory-limit", default="auto", metavar="SIZE", help="per local worker, e.g. 4GiB")
 
@@ -80,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--replicate", action="store_true", help="repeat a single band as R, G and B")
     ing.add_argument("--scale", type=_scale, metavar="percentile|MIN,MAX", help="scaling of non-uint8 data")
     ing.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    ing.add_argument("--batch-size", type=_positive, default=32)
+    ing.add_argument("--batch-size", type=int, default=0, help="windows per forward pass (0: 32 CPU, 256 GPU)")
     ing.add_argument("--input-size", type=_positive, metavar="PX",
                      help="resize windows to PX square before the model (default: as cut)")
     ing.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait for another writer")
@@ -116,9 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _cluster(args: argparse.Namespace) -> Any:
     from .cluster import ClusterOptions, get_client
 
-    return get_client(ClusterOptions(scheduler=args.scheduler, workers=args.workers,
+    return get_client(ClusterOptions(cluster=args.cluster, scheduler=args.scheduler, workers=args.workers,
                                      threads_per_worker=args.threads_per_worker,
-                                     memory_limit=args.memory_limit))
+                                     memory_limit=args.memory_limit, jobs=args.jobs, cores=args.cores,
+                                     memory=args.memory))
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:

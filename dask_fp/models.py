@@ -69,7 +69,8 @@ class ModelOptions:
     device : str
         ``"auto"`` (CUDA when present, else CPU), ``"cpu"`` or ``"cuda"``.
     batch_size : int
-        Windows per forward pass.
+        Windows per forward pass; 0 picks 32 on the CPU and 256 on a GPU
+        (see docs/performance.md).
     threads : int
         Torch intra-op threads per model call on the CPU (0: leave torch's default).
     resources : tuple of (str, float), optional
@@ -85,7 +86,7 @@ class ModelOptions:
     weights: str | None = None
     seed: int = 0
     device: str = "auto"
-    batch_size: int = 32
+    batch_size: int = 0
     threads: int = 0
     resources: tuple[tuple[str, float], ...] | None = None
     input_size: int | None = None
@@ -349,7 +350,7 @@ class LoadedModel:
         if pixels.ndim != 4 or pixels.shape[1] != 3:
             raise ValueError(f"expected (n, 3, H, W) uint8 windows, got shape {pixels.shape}")
         out = np.empty((pixels.shape[0], self.spec.dim), dtype=np.float32)
-        bs = max(1, self.options.batch_size)
+        bs = self.options.batch_size or (256 if self.cuda else 32)
         with _torch_threads(self.options.threads), torch.inference_mode():
             for i in range(0, pixels.shape[0], bs):
                 x = torch.from_numpy(np.ascontiguousarray(pixels[i : i + bs]))
