@@ -187,14 +187,14 @@ def section_end_to_end(img: Path, work: Path, repeats: int, threads: int) -> Non
         try:
             model = ModelOptions("resnet18", weights="random", threads=torch_threads, batch_size=32)
             dask_ingest(client, img, work / "warm.zarr", model, 2048)
-            t, n = timed(lambda: dask_ingest(client, img, work / "e2e.zarr", model, 2048), repeats)
+            t, n = timed(lambda c=client, m=model: dask_ingest(c, img, work / "e2e.zarr", m, 2048), repeats)
         finally:
             client.close()
             lc.close()
         assert n == n_plain, (n, n_plain)
         ratio = (n / t) / (n_plain / t_plain)
         best = max(best, ratio)
-        rows.append([f"dask-fp ingest -> Zarr", f"{workers} worker x {tpw} thread, torch {torch_threads}",
+        rows.append(["dask-fp ingest -> Zarr", f"{workers} worker x {tpw} thread, torch {torch_threads}",
                      n, f"{t:.1f}", f"{n / t:.2f}", f"{ratio:.2f}"])
     print(table(["pipeline", "threads", "tiles", "median s", "tiles/s", "vs loop"], rows))
     print(f"\nbest dask-fp / plain loop = {best:.2f} (goal >= 0.90)")

@@ -65,19 +65,22 @@ def hits_geojson(hits: Hits, path: str | os.PathLike[str] | None = None) -> dict
                  "distance": float(r.distance), "source": src["path"], "wy": int(r.wy), "wx": int(r.wx)}
         if src.get("crs"):
             ring = _ring(src, r.wy, r.wx, tile, stride)
-            geo.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}, "properties": props})
+            geo.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+                        "properties": props})
         else:
             c0, r0 = r.wx * stride, r.wy * stride
             ring = [[c0, r0], [c0, r0 + tile], [c0 + tile, r0 + tile], [c0 + tile, r0], [c0, r0]]
-            pix.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}, "properties": props})
+            pix.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+                        "properties": props})
     fc = {"type": "FeatureCollection", "features": geo}
     if path is not None:
         p = Path(path)
         p.write_text(json.dumps(fc))
+        other = p.with_name(p.stem + "-pixels.geojson")
+        other.unlink(missing_ok=True)  # never leave one from an earlier run beside new hits
         if pix:
-            other = p.with_name(p.stem + "-pixels.geojson")
-            other.write_text(json.dumps({"type": "FeatureCollection", "features": pix,
-                                         "dask_fp_note": "coordinates are (column, row) pixels of each source; no CRS"}))
+            note = "coordinates are (column, row) pixels of each source, which has no CRS"
+            other.write_text(json.dumps({"type": "FeatureCollection", "features": pix, "dask_fp_note": note}))
     return fc
 
 

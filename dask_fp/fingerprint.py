@@ -10,6 +10,7 @@ whichever block cuts it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import dask
 import dask.array as da
@@ -19,6 +20,9 @@ from dask.delayed import Delayed
 from .models import ModelOptions, ResolvedWeights, load_model
 from .raster import RasterSpec, to_rgb_and_empty
 from .tiling import Tiling, grid_shape, owned_windows, window_empty_fraction
+
+if TYPE_CHECKING:
+    import xarray as xr
 
 
 @dataclass(frozen=True)
@@ -112,7 +116,7 @@ def plan_blocks(chunks: tuple[tuple[int, ...], tuple[int, ...]], n_wy: int, n_wx
 
 
 def block_tasks(
-    raster: "xr.DataArray",  # noqa: F821
+    raster: xr.DataArray,
     spec: RasterSpec,
     tiling: Tiling,
     model: ModelOptions,

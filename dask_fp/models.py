@@ -314,6 +314,8 @@ class LoadedModel:
         if weights.kind == "random":
             net = _build_random(spec, options.seed)
         else:
+            if weights.path is None:
+                raise WeightsError(f"{spec.name}: resolved weights of kind {weights.kind!r} carry no file path")
             net = spec.builder()
             state = torch.load(weights.path, map_location="cpu", weights_only=True)
             if spec.name == "resnet18":
@@ -399,7 +401,9 @@ def load_model(options: ModelOptions, weights: ResolvedWeights) -> LoadedModel:
     return LoadedModel(get_spec(options.name), weights, options)
 
 
-def embed(pixels: np.ndarray, options: ModelOptions = ModelOptions(), weights: ResolvedWeights | None = None) -> np.ndarray:
+def embed(
+    pixels: np.ndarray, options: ModelOptions = ModelOptions(), weights: ResolvedWeights | None = None
+) -> np.ndarray:
     """Fingerprints of uint8 windows ``(n, 3, H, W)`` with the model of ``options``."""
     weights = weights or resolve_weights(options)
     return load_model(options, weights).embed(pixels)
