@@ -25,10 +25,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .errors import QueryError
+from .errors import DaskFpError, QueryError, StoreError
 from .models import ModelOptions, resolve_weights
 from .store import Store, open_store
-from .tiling import Tiling, split_uid, windows_overlap
+from .tiling import Tiling, grid_shape, split_uid, windows_covering, windows_overlap
 
 # --------------------------------------------------------------------------- kernels
 
@@ -246,6 +246,10 @@ def load_query_image(path: str | os.PathLike[str], tile: int) -> np.ndarray:
             img = im.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise QueryError(f"query image {p}: not an image Pillow can read ({e}). Use PNG, JPEG or TIFF.") from None
+    except Exception as e:  # damaged files make Pillow's decoders raise many other types
+        raise QueryError(
+            f"query image {p}: not an image Pillow can read ({type(e).__name__}: {e}). Use PNG, JPEG or TIFF."
+        ) from None
     w, h = img.size
     if (w, h) != (tile, tile):
         s = tile / min(w, h)
@@ -336,13 +340,11 @@ def lonlat_queries(store: Store, points: Sequence[tuple[float, float]]) -> list[
             row, col = _xy_to_pixel(src["transform"], x, y)
             if not (np.isfinite(row) and np.isfinite(col)):  # outside the CRS's area of use
                 continue
-            from .tiling import _covering, grid_shape
-
             ny, nx = grid_shape(*src["shape"], tile=tiling.tile, stride=tiling.stride)
             # Among the *stored* windows that hold the point, the nearest centre (a window
             # dropped as empty may be the nearest one while a stored neighbour holds the point).
-            for wy in _covering(row, ny, tiling.tile, tiling.stride):
-                for wx in _covering(col, nx, tiling.tile, tiling.stride):
+            for wy in windows_covering(row, ny, tiling.tile, tiling.stride):
+                for wx in windows_covering(col, nx, tiling.tile, tiling.stride):
                     if (src["index"], wy, wx) not in index:
                         continue
                     d = ((wy * tiling.stride + tiling.tile / 2 - row) ** 2
@@ -445,9 +447,17 @@ def search(
     from_store = any(q.own is not None for q in qs) and not include_self
     m = candidates_needed(int(k), tiling, dedup=dedup, from_store=from_store)
     vecs = np.stack([q.vector for q in qs]).astype(np.float32)
-    dist, rows = knn(st.fingerprints(), st.norm2(), vecs, m, split_every=split_every)
-    flat = np.unique(rows)
-    meta = st.coords(flat)
+    try:
+        dist, rows = knn(st.fingerprints(), st.norm2(), vecs, m, split_every=split_every)
+        flat = np.unique(rows)
+        meta = st.coords(flat)
+    except DaskFpError:
+        raise
+    except Exception as e:  # a damaged chunk (bad bytes) fails inside the codec, on a worker
+        raise StoreError(
+            f"{st.path}: reading the stored fingerprints failed ({type(e).__name__}: {e}). The store"
+            " may be damaged (run `dask-fp info` on it), or the cluster lost its workers."
+        ) from None
     pos = {int(r): i for i, r in enumerate(flat)}
     paths = {s["index"]: s["path"] for s in st.sources}
     records = []

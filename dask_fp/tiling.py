@@ -252,16 +252,16 @@ def window_at_pixel(
     """The window holding pixel position (row, col) whose centre is nearest; None if none."""
     best: tuple[float, int, int] | None = None
     half = tile / 2.0
-    for wy in _covering(row, n_wy, tile, stride):
-        for wx in _covering(col, n_wx, tile, stride):
+    for wy in windows_covering(row, n_wy, tile, stride):
+        for wx in windows_covering(col, n_wx, tile, stride):
             d = (wy * stride + half - row) ** 2 + (wx * stride + half - col) ** 2
             if best is None or d < best[0]:
                 best = (d, wy, wx)
     return None if best is None else (best[1], best[2])
 
 
-def _covering(p: float, n: int, tile: int, stride: int) -> range:
-    """Windows along one axis whose span [w*S, w*S+T) contains position p."""
+def windows_covering(p: float, n: int, tile: int, stride: int) -> range:
+    """Windows along one axis (of ``n``) whose span ``[w*S, w*S+T)`` contains position ``p``."""
     if n == 0 or p < 0:
         return range(0)
     lo = max(0, int(np.floor((p - tile) / stride)) + 1)

@@ -244,9 +244,45 @@ def build_store(
             index = w.next_source_index
             rows = source_rows(spec, index, tiling, dim, rng)
             ny, nx = grid_shape(*spec.shape, tile=tile, stride=stride)
-            n = w.append(source_entry(spec, index), _batches(rows, rng, max_batch), upper_bound=ny * nx)
+            batches = _batches(rows, rng, max_batch)
+            n = w.append(source_entry(spec, index), batches, upper_bound=ny * nx)
             assert n == len(rows["uid"])
             parts.append(rows)
     cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     fp = cols.pop("fingerprint").astype(dtype).astype(np.float32)
     return Built(Path(path), tiling, fp, cols)
+
+
+def raster_store(
+    directory: str | Path,
+    *,
+    crs: Sequence[str | None] = (UTM17, None),
+    size: tuple[int, int] = (256, 320),
+    dim: int = 8,
+    tile: int = 64,
+    stride: int = 32,
+    seed: int = 0,
+) -> Built:
+    """A store whose sources are real textured GeoTIFFs (one per entry of ``crs``;
+    None: a plain TIFF without CRS), with random integer fingerprints.
+
+    The sources table comes from the real ``inspect_raster`` and
+    ``ingest._source_entry``, so tiles can be read back (mosaics) and placed on
+    a map (GeoJSON) exactly as for an ingested store.
+    """
+    import warnings
+
+    from dask_fp.ingest import _source_entry
+    from dask_fp.raster import inspect_raster
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    specs = []
+    for i, c in enumerate(crs):
+        tif = write_geotiff(d / f"ortho{i}.tif", *size, crs=c, seed=seed + i)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # NotGeoreferencedWarning for the plain TIFF
+            entry = _source_entry(inspect_raster(tif), i)
+        specs.append(SourceSpec(shape=tuple(entry["shape"]), entry=entry, path=entry["path"]))
+    return build_store(d / "store", specs, dim=dim, tile=tile, stride=stride, rows_per_chunk=50,
+                       seed=seed)

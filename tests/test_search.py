@@ -31,7 +31,7 @@ from dask_fp.search import (
     top_m,
 )
 from dask_fp.store import open_store, open_writer
-from dask_fp.tiling import Tiling, make_uid, windows_overlap
+from dask_fp.tiling import Tiling, grid_shape, make_uid, windows_overlap
 
 try:
     from ._search_helpers import (
@@ -93,7 +93,7 @@ def _norm2(x: np.ndarray) -> np.ndarray:
 def _split(n: int, rng: np.random.Generator, most: int = 40) -> list[int]:
     """Random chunk sizes (>= 1 each) that add up to ``n``."""
     pieces = int(rng.integers(1, min(n, most) + 1))
-    cuts = np.sort(rng.choice(np.arange(1, n), size=pieces - 1, replace=False)) if pieces > 1 else []
+    cuts = np.sort(rng.choice(np.arange(1, n), size=pieces - 1, replace=False))
     bounds = [0, *[int(c) for c in cuts], n]
     return [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
@@ -175,7 +175,8 @@ def test_knn_merge_of_chunks_matches_brute_force(problem):
     x, qs, k, rng = problem
     sizes = _split(len(x), rng)
     starts = np.cumsum([0, *sizes[:-1]])
-    parts = [_chunk(x[s : s + n], qs, np.arange(s, s + n), k) for s, n in zip(starts, sizes, strict=True)]
+    parts = [_chunk(x[s : s + n], qs, np.arange(s, s + n), k)
+             for s, n in zip(starts, sizes, strict=True)]
     order = rng.permutation(len(parts))  # merging does not depend on the order of the parts
     parts = [parts[i] for i in order]
     got_d, got_r = knn_merge(_nest(parts, rng), m=k)
@@ -199,7 +200,8 @@ def test_kernels_with_arbitrary_float16_values(n, d, q, k, seed):
     qs = rng.standard_normal((q, d)).astype(np.float16)
     sizes = _split(n, rng, most=8)
     starts = np.cumsum([0, *sizes[:-1]])
-    parts = [_chunk(x[s : s + c], qs, np.arange(s, s + c), k) for s, c in zip(starts, sizes, strict=True)]
+    parts = [_chunk(x[s : s + c], qs, np.arange(s, s + c), k)
+             for s, c in zip(starts, sizes, strict=True)]
     got_d, got_r = knn_merge(parts, m=k)
     exp_d, _ = brute_knn(x, qs, k)
     np.testing.assert_allclose(got_d, exp_d, rtol=1e-5, atol=1e-4)
@@ -241,7 +243,7 @@ def test_knn_empty_array_and_bad_arguments():
         knn(X, N2, np.ones(4), 1)
 
 
-# --------------------------------------------------------------------------- stores and a real cluster
+# --------------------------------------------------------------------------- stores, a real cluster
 
 
 @pytest.fixture(scope="module")
@@ -268,7 +270,8 @@ def test_store_holds_what_was_written(exact_store):
     st_ = exact_store.open()
     n = len(exact_store.fingerprint)
     assert st_.committed == n
-    np.testing.assert_array_equal(np.asarray(st_.arrays["fingerprint"][:n]), exact_store.fingerprint)
+    stored = np.asarray(st_.arrays["fingerprint"][:n])
+    np.testing.assert_array_equal(stored, exact_store.fingerprint)
     c = st_.coords()
     for name, v in exact_store.cols.items():
         np.testing.assert_array_equal(c[name], v)
@@ -298,7 +301,8 @@ def _check_table(table, built, exp_d, exp_r, k):
     np.testing.assert_array_equal(table["row"].to_numpy(), exp_r[:k])
     np.testing.assert_array_equal(table["distance"].to_numpy(), exp_d[:k].astype(np.float32))
     for name in ("uid", "source", "wy", "wx", "x", "y", "lon", "lat"):
-        np.testing.assert_array_equal(table[name].to_numpy(), built.cols[name][exp_r[:k]], err_msg=name)
+        np.testing.assert_array_equal(table[name].to_numpy(), built.cols[name][exp_r[:k]],
+                                      err_msg=name)
     paths = np.array(["a.tif", "b.tif"])[built.cols["source"][exp_r[:k]]]
     assert list(table["path"]) == list(paths)
 
@@ -334,27 +338,55 @@ def test_search_by_uid_on_local_cluster_excludes_only_itself(client, exact_store
     _check_table(hits.table, exact_store, d[keep], r[keep], 6)
 
 
+def _topk_merge(best, d, r, k):
+    cd, cr = np.concatenate([best[0], d], 1), np.concatenate([best[1], r], 1)
+    o = np.lexsort((cr, cd), axis=-1)[:, :k]
+    return np.take_along_axis(cd, o, 1), np.take_along_axis(cr, o, 1)
+
+
 @pytest.mark.slow
 def test_store_larger_than_cluster_memory_streams(tmp_path_factory):
-    """A 1.5 GiB store on two workers of 400 MiB each: the query streams it chunk by
-    chunk, matches a streamed numpy brute force, and no worker dies or restarts."""
+    """A 1.5 GiB store (float32) on two workers of 400 MiB each: the query streams it
+    chunk by chunk, equals a numpy brute force exactly, and no worker dies or restarts.
+
+    The fingerprints are integers 0..15 (as float32), so every distance is exact and
+    ties across chunks must be broken by row as in the brute force.
+    """
     from distributed import Client, LocalCluster
 
-    limit, dim, n, batch = 400 * 2**20, 512, 768 * 1024, 65536
+    limit, dim, n, batch, k = 400 * 2**20, 512, 768 * 1024, 65536, 10
     path = tmp_path_factory.mktemp("big") / "store"
     entry = {"index": 0, "path": "big.tif", "sha256": "big", "crs": None, "crs_name": None,
              "transform": [1.0, 0.0, 0.0, 0.0, 1.0, 0.0], "shape": [768 * 32 + 32, 1024 * 32 + 32],
              "bands": [1, 2, 3], "alpha": None, "nodata": None, "scale": None, "dtype": "uint8"}
 
-    def batches():  # the writer never holds more than one batch
-        rng = np.random.default_rng(2024)
-        for i in range(0, n, batch):
-            r = np.arange(i, min(i + batch, n))
+    def data(b):  # batch b of the fingerprints, reproducible on its own
+        rows = min(batch, n - b * batch)
+        g = np.random.default_rng([2024, b])
+        return g.integers(0, 16, (rows, dim), dtype=np.int8).astype(np.float32)
+
+    own = 123_456
+    stored = data(own // batch)[own % batch]
+    nudged = stored.copy()
+    nudged[:3] = 15 - nudged[:3]
+    q = np.concatenate([np.random.default_rng(9).integers(0, 16, (2, dim)), [stored, nudged]])
+    q = q.astype(np.float32)
+    qn = np.einsum("ij,ij->i", q, q)
+    best = (np.empty((len(q), 0), np.float32), np.empty((len(q), 0), np.int64))
+
+    def batches():  # the writer never holds more than a batch; the brute force runs alongside
+        nonlocal best
+        for b, i in enumerate(range(0, n, batch)):
+            x = data(b)
+            # exact in float32: every product and sum is an integer below 2**24
+            d = np.einsum("ij,ij->i", x, x)[None, :] - 2 * (q @ x.T) + qn[:, None]
+            r = np.arange(i, i + len(x))
+            best = _topk_merge(best, d, np.broadcast_to(r, d.shape), k)
             wy, wx = (r // 1024).astype(np.int32), (r % 1024).astype(np.int32)
-            yield {"fingerprint": rng.standard_normal((len(r), dim), dtype=np.float32),
-                   "uid": make_uid(0, wy, wx), "source": np.zeros(len(r), np.int32), "wy": wy, "wx": wx,
-                   "x": wx * 32.0 + 32, "y": wy * 32.0 + 32, "lon": np.full(len(r), np.nan),
-                   "lat": np.full(len(r), np.nan)}
+            yield {"fingerprint": x, "uid": make_uid(0, wy, wx),
+                   "source": np.zeros(len(r), np.int32), "wy": wy, "wx": wx,
+                   "x": wx * 32.0 + 32, "y": wy * 32.0 + 32,
+                   "lon": np.full(len(r), np.nan), "lat": np.full(len(r), np.nan)}
 
     try:
         with open_writer(path, settings(dim)) as w:
@@ -362,35 +394,20 @@ def test_store_larger_than_cluster_memory_streams(tmp_path_factory):
         st_ = open_store(path)
         assert st_.committed == n
         assert st_.info()["fingerprint_bytes"] >= 3.5 * limit  # several times one worker's memory
-        fp = st_.arrays["fingerprint"]
-        rng = np.random.default_rng(9)
-        own = 123_456
-        q = np.concatenate([rng.standard_normal((2, dim)),
-                            fp[own][None] + 0.01 * rng.standard_normal((1, dim))]).astype(np.float32)
-        k = 10
         with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit="400MiB",
-                          host="127.0.0.1", dashboard_address=None) as cluster, \
+                          host="127.0.0.1", dashboard_address="127.0.0.1:0") as cluster, \
                 Client(cluster, set_as_default=False) as c:
-            before = set(c.scheduler_info()["workers"]), c.run(os.getpid)
+            workers = c.scheduler_info()["workers"]
+            assert sum(w["memory_limit"] for w in workers.values()) == 2 * limit
+            before = set(workers), c.run(os.getpid)
             with dask.config.set(scheduler=c):
                 got_d, got_r = knn(st_.fingerprints(), st_.norm2(), q, k)
             after = set(c.scheduler_info()["workers"]), c.run(os.getpid)
             assert before == after and len(after[0]) == 2  # same two workers, same processes
-            assert sum(w["memory_limit"] for w in c.scheduler_info()["workers"].values()) == 2 * limit
-        # Brute force on the client, streaming the store in float64.
-        q64 = q.astype(np.float64)
-        best_d = np.empty((len(q), 0))
-        best_r = np.empty((len(q), 0), np.int64)
-        for i in range(0, n, batch):
-            x = np.asarray(fp[i : i + batch], dtype=np.float64)
-            d = (x * x).sum(1)[None, :] - 2 * q64 @ x.T + (q64 * q64).sum(1)[:, None]
-            r = np.broadcast_to(np.arange(i, i + len(x)), d.shape)
-            cd, cr = np.concatenate([best_d, d], 1), np.concatenate([best_r, r], 1)
-            o = np.lexsort((cr, cd), axis=-1)[:, :k]
-            best_d, best_r = np.take_along_axis(cd, o, 1), np.take_along_axis(cr, o, 1)
-        np.testing.assert_array_equal(got_r, best_r)
-        np.testing.assert_allclose(got_d, best_d, rtol=1e-5, atol=1e-3)
-        assert got_r[2, 0] == own
+        np.testing.assert_array_equal(got_r, best[1])
+        np.testing.assert_array_equal(got_d, best[0])
+        assert got_r[2, 0] == own and got_d[2, 0] == 0.0
+        assert got_r[3, 0] == own and got_d[3, 0] == float(((nudged - stored) ** 2).sum())
     finally:
         shutil.rmtree(path, ignore_errors=True)
 
@@ -409,7 +426,8 @@ def test_dedup_mask_examples():
                                   [0, 0, 1, 1, 0, 1])
     # stride == tile: neighbours share no pixel, so nothing is dropped.
     np.testing.assert_array_equal(dedup_mask(src, wy, wx, tiling=Tiling(64, 64)), [1] * 6)
-    assert dedup_mask(np.array([], int), np.array([], int), np.array([], int), tiling=t).shape == (0,)
+    empty = np.array([], int)
+    assert dedup_mask(empty, empty, empty, tiling=t).shape == (0,)
 
 
 def test_candidates_needed_values():
@@ -436,7 +454,8 @@ def ranked_windows(draw):
     pick = rng.choice(total, size=m, replace=False)  # distinct windows, in rank order
     s, rest = np.divmod(pick, ny * nx)
     wy, wx = np.divmod(rest, nx)
-    own = [(int(rng.integers(0, ns)), int(rng.integers(0, ny)), int(rng.integers(0, nx)))] if from_store else []
+    own = [(int(rng.integers(0, ns)), int(rng.integers(0, ny)), int(rng.integers(0, nx)))]
+    own = own if from_store else []
     return tiling, k, s, wy, wx, own, total
 
 
@@ -461,7 +480,8 @@ def test_dedup_mask_properties_and_candidate_bound(case):
 
 def _smooth_fingerprints(ny: int, nx: int, dim: int, rng: np.random.Generator) -> np.ndarray:
     """Integer fingerprints that change slowly across the grid: neighbours are near-duplicates."""
-    a, b, c = (rng.uniform(-0.35, 0.35, dim), rng.uniform(-0.35, 0.35, dim), rng.uniform(0, 6.3, dim))
+    a, b = rng.uniform(-0.35, 0.35, dim), rng.uniform(-0.35, 0.35, dim)
+    c = rng.uniform(0, 6.3, dim)
     wy, wx = np.mgrid[0:ny, 0:nx]
     f = np.sin(wy.ravel()[:, None] * a + wx.ravel()[:, None] * b + c)
     return np.rint(12 * f).astype(np.float32)
@@ -471,12 +491,15 @@ def _greedy(built, dist, rows, k, tiling, own=None):
     """Reference de-duplication over the whole brute-force ranking."""
     out = []
     c = built.cols
+
+    def olap(y1, x1, y2, x2):
+        return windows_overlap(y1, x1, y2, x2, tile=tiling.tile, stride=tiling.stride)
+
     for r in rows:
         s, y, x = c["source"][r], c["wy"][r], c["wx"][r]
-        olap = lambda y2, x2: windows_overlap(y, x, y2, x2, tile=tiling.tile, stride=tiling.stride)  # noqa: E731
-        if own is not None and s == own[0] and olap(own[1], own[2]):
+        if own is not None and s == own[0] and olap(y, x, own[1], own[2]):
             continue
-        if any(c["source"][o] == s and olap(c["wy"][o], c["wx"][o]) for o in out):
+        if any(c["source"][o] == s and olap(y, x, c["wy"][o], c["wx"][o]) for o in out):
             continue
         out.append(r)
         if len(out) == k:
@@ -487,23 +510,25 @@ def _greedy(built, dist, rows, k, tiling, own=None):
 @pytest.mark.parametrize("tile,stride", [(64, 32), (64, 24), (64, 64), (64, 16)])
 def test_dedup_search_matches_reference_and_returns_k(tmp_path, tile, stride):
     rng = np.random.default_rng(tile + stride)
-    ny = nx = 16
-    h = (ny - 1) * stride + tile
+    h = 10 * tile
+    ny, nx = grid_shape(h, h, tile=tile, stride=stride)
     fp = _smooth_fingerprints(ny, nx, 16, rng)
     # Two sources with the same content: dedup works within a source only.
     sources = [SourceSpec(shape=(h, h), fingerprints=fp, path="a.tif"),
                SourceSpec(shape=(h, h), fingerprints=fp, path="b.tif")]
-    built = build_store(tmp_path / "store", sources, dim=16, tile=tile, stride=stride, rows_per_chunk=100)
+    built = build_store(tmp_path / "store", sources, dim=16, tile=tile, stride=stride,
+                        rows_per_chunk=100)
     st_ = built.open()
     tiling = built.tiling
-    row = built.row_of(0, 7, 8)
-    noisy = fp[built.row_of(0, 3, 12)] + rng.integers(-1, 2, 16)
+    centre = (0, ny // 2, nx // 2)
+    row = built.row_of(*centre)
+    noisy = fp[built.row_of(0, ny // 4, 3 * nx // 4)] + rng.integers(-1, 2, 16)
     k = 6
     with dask.config.set(SYNC):
         by_uid = search(st_, uids=[int(built.cols["uid"][row])], k=k)
         by_vec = search(st_, queries=[Query("vec", noisy.astype(np.float32))], k=k)
         raw = search(st_, queries=[Query("vec", noisy.astype(np.float32))], k=k, dedup=False)
-    for hits, vec, own in [(by_uid, built.fingerprint[row], (0, 7, 8)), (by_vec, noisy, None)]:
+    for hits, vec, own in [(by_uid, built.fingerprint[row], centre), (by_vec, noisy, None)]:
         t = hits.table
         assert len(t) == k
         d, r = ranked(built.fingerprint, vec)
@@ -514,12 +539,13 @@ def test_dedup_search_matches_reference_and_returns_k(tmp_path, tile, stride):
                 assert s[i] != s[j] or not windows_overlap(wy[i], wx[i], wy[j], wx[j], tile=tile,
                                                            stride=stride)
             if own is not None:
-                assert s[i] != own[0] or not windows_overlap(wy[i], wx[i], own[1], own[2], tile=tile,
-                                                             stride=stride)
+                assert s[i] != own[0] or not windows_overlap(wy[i], wx[i], own[1], own[2],
+                                                             tile=tile, stride=stride)
         assert set(s) == {0, 1}  # the twin source's copies are not suppressed
     if stride < tile:  # the raw list is full of overlapping near-duplicates
         s, wy, wx = (raw.table[c].to_numpy() for c in ("source", "wy", "wx"))
-        assert any(s[i] == s[j] and windows_overlap(wy[i], wx[i], wy[j], wx[j], tile=tile, stride=stride)
+        assert any(s[i] == s[j] and windows_overlap(wy[i], wx[i], wy[j], wx[j], tile=tile,
+                                                    stride=stride)
                    for i in range(k) for j in range(i + 1, k))
 
 
@@ -602,20 +628,19 @@ def test_query_by_lonlat_anywhere_in_the_source(exact_store):
     also where the nearest window was dropped as empty."""
     st_ = exact_store.open()
     rng = np.random.default_rng(4)
-    pts = rng.uniform([0, 0], [960, 1280], (40, 2))  # inside the cropped 960 x 1280 px grid area
-    for prow, pcol in pts:
-        exp = _expected_window(exact_store, prow, pcol)
-        lon, lat = _lonlat_of_pixel(prow, pcol)
-        if exp is None:
-            with pytest.raises(QueryError):
-                search(st_, lonlats=[(lon, lat)], k=1)
-            continue
-        with dask.config.set(SYNC):
-            hits = search(st_, lonlats=[(lon, lat)], k=1)
-        assert hits.queries[0].own == (0, *exp), (prow, pcol)
+    pts = rng.uniform([0, 0], [960, 1280], (60, 2))  # inside the cropped 960 x 1280 px grid area
+    exp = [_expected_window(exact_store, r, c) for r, c in pts]
+    lonlats = [_lonlat_of_pixel(r, c) for r, c in pts]
+    inside = [i for i, e in enumerate(exp) if e is not None]
+    with dask.config.set(SYNC):  # one batch of queries
+        hits = search(st_, lonlats=[lonlats[i] for i in inside], k=1)
+    assert [q.own for q in hits.queries] == [(0, *exp[i]) for i in inside]
+    for i in set(range(len(pts))) - set(inside):  # only windows dropped as empty hold the point
+        with pytest.raises(QueryError, match="no stored tile contains"):
+            search(st_, lonlats=[lonlats[i]], k=1)
 
 
-# --------------------------------------------------------------------------- image queries (real pipeline)
+# --------------------------------------------------------------------------- image queries
 
 
 @pytest.fixture(scope="module")
@@ -674,7 +699,8 @@ def test_unknown_uid_is_a_query_error(exact_store):
 
 
 def test_lonlat_outside_every_tile_is_a_query_error(exact_store):
-    for lon, lat in [(0.0, 0.0), (-81.5, 31.0), _lonlat_of_pixel(-50, 100), _lonlat_of_pixel(100, 1300)]:
+    outside = [(0.0, 0.0), (-81.5, 31.0), _lonlat_of_pixel(-50, 100), _lonlat_of_pixel(100, 1300)]
+    for lon, lat in outside:
         with pytest.raises(QueryError, match="no stored tile contains"):
             search(exact_store.path, lonlats=[(lon, lat)], k=3)
     for lon, lat in [(200.0, 10.0), (10.0, -95.0)]:
