@@ -183,18 +183,19 @@ def measure(fn: Callable[[], Any], *, repeats: int, warmup: int = 1, budget_s: f
         runs.append(time.perf_counter() - t0)
         if time.perf_counter() - t_start > budget_s:
             break
-    note = f"{len(runs)} runs" if len(runs) < repeats else ""
+    note = f"{len(runs)} run{'s' if len(runs) > 1 else ''}" if len(runs) < repeats else ""
     return Timing(runs, note)
 
 
-def check_rows(name: str, got: np.ndarray, want: np.ndarray, x: np.ndarray, q: np.ndarray) -> str:
+def check_rows(name: str, got: np.ndarray, want: np.ndarray, vectors: Callable[[np.ndarray], np.ndarray],
+               q: np.ndarray) -> str:
     """Assert that ``got`` rows equal brute force; allow only float32 near-ties, verified in float64."""
     if np.array_equal(got, want):
         return "equal"
     bad = np.flatnonzero((got != want).any(axis=1))
     for i in bad:
-        dg = np.sort(((x[got[i]].astype(np.float64) - q[i]) ** 2).sum(1))
-        dw = np.sort(((x[want[i]].astype(np.float64) - q[i]) ** 2).sum(1))
+        dg = np.sort(((vectors(got[i]).astype(np.float64) - q[i]) ** 2).sum(1))
+        dw = np.sort(((vectors(want[i]).astype(np.float64) - q[i]) ** 2).sum(1))
         assert np.allclose(dg, dw, rtol=1e-5, atol=1e-4), (
             f"{name}: query {i} differs from numpy brute force beyond float32 ties:\n{got[i]}\n{want[i]}")
     return f"equal up to float32 near-ties in {len(bad)} of {len(got)} queries"
@@ -293,9 +294,10 @@ def profile_knn(client: Any, store: Any, q: np.ndarray) -> dict[str, Any]:
             "count": dict(count)}
 
 
-def run_daskfp(path: Path, sizes_q: dict[str, np.ndarray], oracle: dict[str, np.ndarray],
-               x: np.ndarray | None, *, cluster: str, repeats: int, results: dict[str, Timing],
-               log: Callable[[str], None], profile: bool) -> dict[str, Any]:
+def run_daskfp(path: Path, qs: dict[str, np.ndarray], oracle: dict[str, np.ndarray], *, cluster: str,
+               repeats: int, budget_s: float, check: bool, profile: bool,
+               log: Callable[[str], None]) -> tuple[dict[str, Timing], dict[str, Any]]:
+    """dask-fp on a LocalCluster: knn (1 and 100 queries) and search() (1 query), streamed and persisted."""
     from distributed import futures_of, wait
 
     from dask_fp.cluster import ClusterOptions, get_client
@@ -303,6 +305,7 @@ def run_daskfp(path: Path, sizes_q: dict[str, np.ndarray], oracle: dict[str, np.
     from dask_fp.store import open_store
 
     workers, threads = CLUSTERS[cluster]
+    res: dict[str, Timing] = {}
     extra: dict[str, Any] = {}
     with get_client(ClusterOptions(workers=workers, threads_per_worker=threads, dashboard=False),
                     log=log) as client:
@@ -313,43 +316,54 @@ def run_daskfp(path: Path, sizes_q: dict[str, np.ndarray], oracle: dict[str, np.
                 st.persist()
                 wait(futures_of(st.fingerprints()) + futures_of(st.norm2()))
                 extra["persist_s"] = time.perf_counter() - t0
-            for label, q in sizes_q.items():
-                dist, rows = knn(st.fingerprints(), st.norm2(), q, K)
-                if x is not None:
-                    extra[f"check {mode} {label}"] = check_rows(f"dask-fp {mode}", rows, oracle[label], x, q)
-                results[f"knn {mode} {label}"] = measure(
-                    lambda q=q, st=st: knn(st.fingerprints(), st.norm2(), q, K), repeats=repeats)
-                queries = [Query(f"q{i}", v) for i, v in enumerate(q)]
-                results[f"search {mode} {label}"] = measure(
-                    lambda qs=queries, st=st: search(st, qs, k=K), repeats=repeats)
-                log(f"  dask-fp {cluster} {mode} {label}: knn {results[f'knn {mode} {label}'].median*1e3:.1f} ms,"
-                    f" search {results[f'search {mode} {label}'].median*1e3:.1f} ms")
+            for label, q in qs.items():
+                _, rows = knn(st.fingerprints(), st.norm2(), q, K)
+                if check:
+                    fp = st.arrays["fingerprint"]
+                    extra[f"check {mode} {label}"] = check_rows(
+                        f"dask-fp {mode}", rows, oracle[label], lambda r, fp=fp: fp.get_orthogonal_selection(r), q)
+                res[f"knn {mode} {label}"] = measure(
+                    lambda q=q, st=st: knn(st.fingerprints(), st.norm2(), q, K), repeats=repeats, budget_s=budget_s)
+                msg = f"  dask-fp [{cluster}] {mode} {label}: knn {res[f'knn {mode} {label}'].median * 1e3:.1f} ms"
+                if label == "single":
+                    one = [Query("q0", q[0])]
+                    res[f"search {mode} {label}"] = measure(lambda one=one, st=st: search(st, one, k=K),
+                                                            repeats=repeats, budget_s=budget_s)
+                    msg += f", search() {res[f'search {mode} {label}'].median * 1e3:.1f} ms"
+                log(msg)
             if profile:
-                extra[f"profile {mode} single"] = profile_knn(client, st, sizes_q["single"])
-                extra[f"profile {mode} batch"] = profile_knn(client, st, sizes_q["batch"])
+                for label, q in qs.items():
+                    p = extra[f"profile {mode} {label}"] = profile_knn(client, st, q)
+                    log(f"  profile {mode} {label}: {p['tasks']} tasks, wall {p['wall_s'] * 1e3:.0f} ms,"
+                        f" compute s by task prefix {p['compute_s']}")
             del st
-    return extra
+    return res, extra
 
 
-def run_size(n: int, args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, Any]:
-    from dask_fp.store import open_store
+def run_size(n: int, args: argparse.Namespace, state: dict[str, Any],
+             log: Callable[[str], None]) -> dict[str, Any]:
 
     path = Path(args.workdir) / f"query-{n}.zarr"
     st, build_s = build_store(path, n, seed=args.seed, log=log)
+    fp = st.arrays["fingerprint"]
     res: dict[str, Timing] = {}
-    info: dict[str, Any] = {"rows": n, "build_s": build_s, "chunk_rows": st.arrays["fingerprint"].chunks[0],
-                            "chunks": math.ceil(n / st.arrays["fingerprint"].chunks[0])}
+    info: dict[str, Any] = {"rows": n, "build_s": build_s, "chunk_rows": fp.chunks[0],
+                            "chunks": math.ceil(n / fp.chunks[0]),
+                            "bytes_per_row_on_disk": sum(f.stat().st_size for f in (path / "fingerprint").rglob("*")
+                                                         if f.is_file()) / n}
     qs = {"single": make_queries(1, seed=args.seed), "batch": make_queries(BATCH, seed=args.seed)}
+    budget = args.budget
 
     # numpy brute force: the oracle and a baseline.
     t0 = time.perf_counter()
-    x = np.asarray(open_store(path).arrays["fingerprint"][:n])
-    norm2 = np.asarray(open_store(path).arrays["norm2"][:n])
+    x = np.asarray(fp[:n])
+    norm2 = np.asarray(st.arrays["norm2"][:n])
     info["load_s"] = time.perf_counter() - t0
     oracle = {label: numpy_knn(x, norm2, q, K)[1] for label, q in qs.items()}
     for label, q in qs.items():
-        res[f"numpy {label}"] = measure(lambda q=q: numpy_knn(x, norm2, q, K), repeats=args.repeats)
-    log(f"  numpy: {res['numpy single'].median*1e3:.1f} / {res['numpy batch'].median*1e3:.1f} ms")
+        res[f"numpy {label}"] = measure(lambda q=q, x=x, n2=norm2: numpy_knn(x, n2, q, K), repeats=args.repeats,
+                                        budget_s=budget)
+    log(f"  numpy brute force: {res['numpy single'].median * 1e3:.1f} / {res['numpy batch'].median * 1e3:.1f} ms")
 
     # FAISS flat.
     try:
@@ -364,29 +378,30 @@ def run_size(n: int, args: argparse.Namespace, log: Callable[[str], None]) -> di
         info["faiss_add_s"] = time.perf_counter() - t0
         for label, q in qs.items():
             _, fi = index.search(q, K)
-            info[f"faiss agrees {label}"] = float((fi == oracle[label]).mean())
-            res[f"faiss {label}"] = measure(lambda q=q: index.search(q, K), repeats=args.repeats)
-        log(f"  faiss: {res['faiss single'].median*1e3:.1f} / {res['faiss batch'].median*1e3:.1f} ms")
+            info[f"faiss rows equal numpy ({label})"] = float((fi == oracle[label]).mean())
+            res[f"faiss {label}"] = measure(lambda q=q, index=index: index.search(q, K), repeats=args.repeats,
+                                            budget_s=budget)
+        log(f"  faiss flat: {res['faiss single'].median * 1e3:.1f} / {res['faiss batch'].median * 1e3:.1f} ms")
         del index
 
-    # The paper's method: run when one run should take under PAPER_LIMIT_S, else extrapolate.
-    per_row = args._paper_per_row
+    # The paper's method: run it when one run should take under PAPER_LIMIT_S, else extrapolate.
+    per_row = state.get("paper_s_per_row")
     est_single = per_row * n if per_row else 0.0
     if est_single < PAPER_LIMIT_S:
         t0 = time.perf_counter()
-        uids = np.asarray(open_store(path).arrays["uid"][:n])
+        uids = np.asarray(st.arrays["uid"][:n])
         fps = {int(u): x[i].copy() for i, u in enumerate(uids)}
         info["paper_dict_s"] = time.perf_counter() - t0
         row_of = {int(u): i for i, u in enumerate(uids)}
-        small = est_single * 3 < 20.0  # affordable to repeat
         got = paper_knn(fps, qs["single"][0], K)
-        assert [row_of[u] for _, u in got] == oracle["single"][0].tolist(), "paper's method disagrees"
-        t = measure(lambda: paper_knn(fps, qs["single"][0], K), repeats=args.repeats if small else 1,
-                    warmup=1 if small else 0, budget_s=30.0)
-        if not small:
+        assert [row_of[u] for _, u in got] == oracle["single"][0].tolist(), "the paper's method disagrees"
+        cheap = est_single * (args.repeats + 1) < budget
+        t = measure(lambda fps=fps: paper_knn(fps, qs["single"][0], K), repeats=args.repeats if cheap else 1,
+                    warmup=0, budget_s=budget)  # the check above was the warm-up
+        if not cheap:
             t.note = "1 run"
         res["paper single"] = t
-        args._paper_per_row = per_row = t.median / n
+        state["paper_s_per_row"] = t.median / n
         est_batch = t.median * BATCH
         if est_batch < PAPER_LIMIT_S:
             t0 = time.perf_counter()
@@ -394,24 +409,22 @@ def run_size(n: int, args: argparse.Namespace, log: Callable[[str], None]) -> di
                 paper_knn(fps, v, K)
             res["paper batch"] = Timing([time.perf_counter() - t0], "1 run")
         else:
-            res["paper batch"] = Timing([est_batch], "extrapolated: 100 x single")
+            res["paper batch"] = Timing([est_batch], "extrapolated: 100 x the single query")
         del fps
     else:
-        res["paper single"] = Timing([est_single], "extrapolated from the smaller store")
-        res["paper batch"] = Timing([est_single * BATCH], "extrapolated from the smaller store")
-    log(f"  paper: {res['paper single'].median*1e3:.1f} / {res['paper batch'].median*1e3:.1f} ms"
-        f" {res['paper batch'].note}")
+        res["paper single"] = Timing([est_single], "extrapolated from the smaller store, per row")
+        res["paper batch"] = Timing([est_single * BATCH], "extrapolated from the smaller store, per row")
+    log(f"  paper's method: {res['paper single'].median * 1e3:.1f} / {res['paper batch'].median * 1e3:.1f} ms"
+        f" ({res['paper batch'].note})")
+    del x, norm2
 
     # dask-fp, per cluster layout.
-    keep_x = x if args.check else None
     for cluster in args.clusters:
-        sub: dict[str, Timing] = {}
-        extra = run_daskfp(path, qs, oracle, keep_x, cluster=cluster, repeats=args.repeats, results=sub,
-                           log=log, profile=args.profile)
+        sub, extra = run_daskfp(path, qs, oracle, cluster=cluster, repeats=args.repeats, budget_s=budget,
+                                check=args.check, profile=args.profile, log=log)
         for key, v in sub.items():
             res[f"dask-fp[{cluster}] {key}"] = v
         info[f"dask-fp[{cluster}]"] = extra
-    del x, keep_x
     return {"info": info, "timings": res}
 
 
@@ -477,8 +490,8 @@ def report(all_res: dict[int, dict[str, Any]], clusters: Sequence[str]) -> tuple
             t = all_res[small]["timings"]
             r = t[f"paper {label}"].median / t[f"dask-fp[{best}] knn {mode} {label}"].median
             ratios[f"paper/dask-fp {mode} {label} @{small}"] = r
-            lines.append(f"  {small:>9,} rows, {label:6}: dask-fp {mode:9} is {r:8.1f}x faster than the"
-                         f" paper's method (goal >= 100x: {'met' if r >= 100 else 'MISSED'})")
+            lines.append(f"  {small:>9,} rows, {label:6}: paper's method / dask-fp {mode:9} = {r:7.1f}x"
+                         f" (goal >= 100x: {'met' if r >= 100 else 'MISSED'})")
     if "faiss single" in all_res[large]["timings"]:
         for mode in ("persisted", "streamed"):
             for label in ("single", "batch"):
@@ -486,14 +499,35 @@ def report(all_res: dict[int, dict[str, Any]], clusters: Sequence[str]) -> tuple
                 r = t[f"dask-fp[{best}] knn {mode} {label}"].median / t[f"faiss {label}"].median
                 ratios[f"dask-fp {mode}/faiss {label} @{large}"] = r
                 goal = f" (goal <= 1.0x: {'met' if r <= 1.0 else 'MISSED'})" if mode == "persisted" else ""
-                lines.append(f"  {large:>9,} rows, {label:6}: dask-fp {mode:9} takes {r:6.2f}x FAISS"
-                             f" flat's time{goal}")
+                lines.append(f"  {large:>9,} rows, {label:6}: dask-fp {mode:9} / FAISS flat = {r:6.2f}x{goal}")
         for label in ("single", "batch"):
             t = all_res[large]["timings"]
             r = t[f"dask-fp[{best}] knn persisted {label}"].median / t[f"numpy {label}"].median
             ratios[f"dask-fp persisted/numpy {label} @{large}"] = r
-            lines.append(f"  {large:>9,} rows, {label:6}: dask-fp persisted takes {r:6.2f}x numpy's time")
+            lines.append(f"  {large:>9,} rows, {label:6}: dask-fp persisted / numpy    = {r:6.2f}x")
+    prof = [(n, c, key, v) for n in sizes for c in clusters
+            for key, v in all_res[n]["info"].get(f"dask-fp[{c}]", {}).items() if key.startswith("profile")]
+    if prof:
+        lines.append("")
+        lines.append("dask-fp profile (one knn call under the task stream; compute = seconds summed over tasks):")
+        for n, c, key, v in prof:
+            top = ", ".join(f"{p} {s * 1e3:.0f} ms" for p, s in list(v["compute_s"].items())[:3])
+            lines.append(f"  {n:>9,} rows [{c}] {key[8:]:17}: {v['tasks']:4} tasks, wall {v['wall_s'] * 1e3:7.0f} ms;"
+                         f" compute: {top}")
     return "\n".join(lines), ratios
+
+
+def describe_environment(env: dict[str, Any]) -> str:
+    lines = [f"machine: {env['cpu']}, {env['cores']} cores; python {env['python']}, numpy {env['numpy']},"
+             f" dask {env['dask']}, zarr {env['zarr']}, faiss {env['faiss']}"
+             f" (OpenMP threads {env.get('faiss_omp_threads', '-')})",
+             f"OPENBLAS_CORETYPE={env['OPENBLAS_CORETYPE']} OPENBLAS_L2_SIZE={env['OPENBLAS_L2_SIZE']}"
+             f" OMP_NUM_THREADS={env['OMP_NUM_THREADS']}"]
+    for b in env["blas"]:
+        where = Path(str(b.get("filepath", "?"))).parent.name
+        lines.append(f"BLAS ({where}): {b.get('internal_api')} {b.get('version') or b.get('config', '')},"
+                     f" kernel {b.get('architecture')}, {b.get('num_threads')} threads")
+    return "\n".join(lines)
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -502,7 +536,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--sizes", default="45000,1000000", help="store sizes in rows (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs after one warm-up (default: %(default)s)")
     p.add_argument("--workdir", default=str(REPO / "bench-output"), help="where the stores go (default: %(default)s)")
-    p.add_argument("--clusters", default="2x1",
+    p.add_argument("--budget", type=float, default=30.0,
+                   help="seconds one measurement may take; fewer repeats past it (default: %(default)s)")
+    p.add_argument("--clusters", default="1x2",
                    help="LocalCluster layouts to time, workers x threads: 2x1, 1x2 or both (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="smoke run: sizes 5000,20000, 2 repeats")
@@ -523,7 +559,6 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(f"--clusters: choose from {', '.join(CLUSTERS)}; got {a.clusters}")
     if a.repeats < 1:
         p.error("--repeats must be at least 1")
-    a._paper_per_row = None
     return a
 
 
@@ -541,11 +576,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         log(f"blas: {b}")
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     all_res = {}
+    state: dict[str, Any] = {}
     for n in sorted(args.sizes):
         log(f"== {n:,} rows")
-        all_res[n] = run_size(n, args, log)
+        load0 = os.getloadavg()[0]
+        all_res[n] = run_size(n, args, state, log)
+        all_res[n]["info"]["load_average_1min"] = [load0, os.getloadavg()[0]]
     table, ratios = report(all_res, args.clusters)
     elapsed = time.perf_counter() - t_all
+    print(describe_environment(env))
+    loads = [v for r in all_res.values() for v in r["info"]["load_average_1min"]]
+    print(f"load average (1 min) at the start and end of each size: {', '.join(f'{v:.1f}' for v in loads)}"
+          f" (other work on the machine shows up here)")
+    print(f"k = {K}, D = {DIM}, float32; medians over up to {args.repeats} runs after one warm-up\n")
     print(table)
     print(f"\n(total benchmark time {elapsed:.0f} s)")
     out = {

@@ -119,8 +119,14 @@ def _flatten(parts: list) -> list[tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def _pack(x: np.ndarray, norm2: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return (x, norm2, rows)
+def _column(a: np.ndarray) -> np.ndarray:
+    return a[:, None]
+
+
+def _pack(x: np.ndarray, norm2: np.ndarray, block_info: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A block and its norms → ``(x, norm2, global rows)``; the rows come from the block's location."""
+    start, stop = block_info[0]["array-location"][0]
+    return (x, norm2, np.arange(start, stop, dtype=np.int64))
 
 
 def knn(
@@ -155,8 +161,12 @@ def knn(
     if len(x.chunks[1]) != 1:
         x = x.rechunk({1: -1})
     qn = np.einsum("ij,ij->i", q, q)
-    rows = da.arange(n, chunks=(x.chunks[0],), dtype=np.int64)
-    packed = da.map_blocks(_pack, x, norm2.rechunk((x.chunks[0],))[:, None], rows[:, None], dtype=x.dtype)
+    # Only blockwise layers here, so reading a block, its norms and the chunk step fuse
+    # into one task per block (slicing or da.arange would add three more per block).
+    n2 = norm2.rechunk((x.chunks[0],)).map_blocks(
+        _column, new_axis=1, chunks=(x.chunks[0], (1,)), dtype=norm2.dtype
+    )
+    packed = da.map_blocks(_pack, x, n2, dtype=x.dtype, meta=np.empty((0, 0), dtype=x.dtype))
     red = da.reduction(
         packed,
         chunk=partial(knn_chunk, q=q, qnorm2=qn, m=m),
@@ -300,6 +310,8 @@ def uid_queries(store: Store, uids: Sequence[int]) -> list[Query]:
     all_uids = np.asarray(store.arrays["uid"][: store.committed])
     out = []
     for u in uids:
+        if not 0 <= int(u) < 2**63:
+            raise QueryError(f"uid {u} is not a tile uid (uids are whole numbers from 0 to 2**63 - 1).")
         hit = np.flatnonzero(all_uids == int(u))
         if hit.size == 0:
             s, y, x = (int(v) for v in split_uid(int(u)))

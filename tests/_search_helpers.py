@@ -136,7 +136,9 @@ class Built:
     cols: dict[str, np.ndarray] = field(default_factory=dict)
 
     def open(self) -> Store:
-        return open_store(self.path)
+        st = open_store(self.path)
+        st.task_chunks = 1  # one task per (small) Zarr chunk: many blocks for the reduction tests
+        return st
 
     def row_of(self, source: int, wy: int, wx: int) -> int:
         hit = np.flatnonzero((self.cols["source"] == source) & (self.cols["wy"] == wy)
