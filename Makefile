@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[test,bench,dev]'
+	$(PY) -m pip install -q -e '.[test,bench,dev,eval]'
 	touch $@
 
 setup: $(VENV)/.installed

@@ -210,7 +210,7 @@ def cmd_query(args: argparse.Namespace) -> int:
                       split_every=args.split_every)
     files = write_outputs(hits, args.out) if args.out else None
     if args.json:
-        out = {"queries": [{"index": i, "label": q.label, "hits": json.loads(
+        out: dict[str, Any] = {"queries": [{"index": i, "label": q.label, "hits": json.loads(
             hits.for_query(i).drop(columns=["query", "label"]).to_json(orient="records"))}
             for i, q in enumerate(hits.queries)]}
         if files:

@@ -123,12 +123,26 @@ def mosaic(hits: Hits, query: int, path: str | os.PathLike[str], *, columns: int
         canvas.paste(Image.fromarray(pix).resize((panel, panel), Image.Resampling.BILINEAR), (x0, y0))
         if i == 0:
             draw.rectangle([x0 - 3, y0 - 3, x0 + panel + 2, y0 + panel + 2], outline=(30, 90, 220), width=3)
-        draw.text((x0 + 2, y0 + panel + 2), line1, fill="black")
-        draw.text((x0 + 2, y0 + panel + 15), line2[:32], fill=(90, 90, 90))
+        draw.text((x0 + 2, y0 + panel + 2), _fit(draw, line1, panel - 4), fill="black")
+        draw.text((x0 + 2, y0 + panel + 15), _fit(draw, line2, panel - 4), fill=(90, 90, 90))
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(p)
     return str(p)
+
+
+def _fit(draw: Any, text: str, width: int) -> str:
+    """``text`` shortened from the front (``...`` + its end) so it fits ``width`` pixels.
+
+    The end is kept because captions end with what tells hits apart: the
+    window ``(wy,wx)`` after a file name.
+    """
+    if draw.textlength(text) <= width:
+        return text
+    for i in range(1, len(text)):
+        if draw.textlength("..." + text[i:]) <= width:
+            return "..." + text[i:]
+    return ""
 
 
 def write_outputs(hits: Hits, out_dir: str | os.PathLike[str]) -> dict[str, Any]:

@@ -181,16 +181,18 @@ def _run_blocks(client: Any, tasks: list, bar: _Progress, path: str) -> Iterator
     ready: dict[int, BlockResult] = {}
     nxt = 0
     try:
-        for fut in as_completed(futures):
+        for fut in as_completed(futures, loop=client.loop):
             try:
                 res: BlockResult = fut.result()
             except DaskFpError:
                 raise
             except Exception as e:
                 plan = tasks[order[fut.key]][0]
+                # Errors that cannot be pickled arrive from the worker as Exception("Type('text')").
+                why = str(e) if type(e) is Exception else f"{type(e).__name__}: {e}"
                 raise RasterError(
                     f"{path}: block {plan.index} (windows {plan.wy0}..{plan.wy1 - 1} x"
-                    f" {plan.wx0}..{plan.wx1 - 1}) failed: {type(e).__name__}: {e}. Is the file"
+                    f" {plan.wx0}..{plan.wx1 - 1}) failed: {why}. Is the file"
                     " complete and readable? Nothing of it was committed."
                 ) from None
             bar.update(res.n_windows, len(res.wy))
