@@ -115,7 +115,9 @@ def ingest(
             t0 = time.perf_counter()
             prior = writer.find_source(spec.sha256)
             if prior is not None or spec.sha256 in seen:
-                if prior is not None and (prior["bands"] != list(spec.bands) or prior["scale"] != _jsonable(spec.scale)):
+                if prior is not None and (
+                    prior["bands"] != list(spec.bands) or prior["scale"] != _jsonable(spec.scale)
+                ):
                     raise StoreMismatchError(
                         f"{spec.path} is already in {store} (as {prior['path']}) read with bands"
                         f" {prior['bands']} and scale {prior['scale']}; this run asks for bands"
@@ -206,7 +208,9 @@ def _run_blocks(client: Any, tasks: list, bar: _Progress, path: str) -> Iterator
             f.cancel()
 
 
-def _rows(results: Iterator[BlockResult], spec: RasterSpec, index: int, tiling: Tiling) -> Iterator[dict[str, np.ndarray]]:
+def _rows(
+    results: Iterator[BlockResult], spec: RasterSpec, index: int, tiling: Tiling
+) -> Iterator[dict[str, np.ndarray]]:
     """Block results → store rows (uids, coordinates, fingerprints)."""
     to_lonlat = _lonlat_transformer(spec.crs_wkt)
     for r in results:

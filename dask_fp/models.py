@@ -316,6 +316,13 @@ class LoadedModel:
         else:
             if weights.path is None:
                 raise WeightsError(f"{spec.name}: resolved weights of kind {weights.kind!r} carry no file path")
+            # Checked again where the model loads (a worker): the file may have changed since.
+            found = _sha256(Path(weights.path))
+            if found != weights.sha256:
+                raise WeightsError(
+                    f"weights file {weights.path} changed since it was checked (sha256 {found}, expected"
+                    f" {weights.sha256}); refusing to load it."
+                )
             net = spec.builder()
             state = torch.load(weights.path, map_location="cpu", weights_only=True)
             if spec.name == "resnet18":

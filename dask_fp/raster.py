@@ -17,12 +17,15 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from .errors import RasterError
 from .tiling import Affine6, Tiling, chunk_sizes, crop_size
+
+if TYPE_CHECKING:
+    import xarray as xr
 
 ScaleChoice = Literal["percentile"] | tuple[float, float] | None
 
@@ -114,6 +117,7 @@ def inspect_raster(path: str | os.PathLike[str], options: RasterOptions = Raster
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             with rasterio.open(p) as ds:
+                _check_driver(p, ds.driver)
                 count, height, width = ds.count, ds.height, ds.width
                 dtypes = set(ds.dtypes)
                 interp = list(ds.colorinterp)
@@ -128,9 +132,14 @@ def inspect_raster(path: str | os.PathLike[str], options: RasterOptions = Raster
                 scale = _choose_scale(p, ds, dtype, bands, alpha, nodata, options.scale)
                 # A truncated file keeps its header; its last block is what goes missing.
                 ds.read(window=Window(max(width - 1, 0), max(height - 1, 0), 1, 1))
-    except RasterioIOError as e:
+    except RasterError:
+        raise
+    except MemoryError:
+        raise RasterError(f"{p}: the header asks for more memory than there is; is the file damaged?") from None
+    except Exception as e:  # GDAL raises RasterioIOError, CPLE_* errors, ValueError, ... for damaged files
+        kind = "" if isinstance(e, RasterioIOError) else f"{type(e).__name__}: "
         raise RasterError(
-            f"{p}: not a readable raster ({_first_line(e)}). Is it a GeoTIFF/COG, and is it complete?"
+            f"{p}: not a readable raster ({kind}{_first_line(e)}). Is it a GeoTIFF/COG, and is it complete?"
         ) from None
     if crop_size(height, tile=1) == 0 or crop_size(width, tile=1) == 0:
         raise RasterError(f"{p}: raster has no pixels ({height}x{width}).")
@@ -146,13 +155,33 @@ def inspect_raster(path: str | os.PathLike[str], options: RasterOptions = Raster
         nodata=None if nodata is None else float(nodata),
         scale=scale,
         crs_wkt=crs_wkt,
-        transform=transform,  # type: ignore[arg-type]
+        transform=transform,
         block_shape=(int(block_shape[0]), int(block_shape[1])),
     )
 
 
 def _first_line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    """The first line of an error's message, with GDAL's own reason when rasterio hides it."""
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else type(e).__name__
+    cause = e.__cause__ or e.__context__
+    if cause is not None and "previous exception" in line and str(cause).strip():
+        line = str(cause).strip().splitlines()[0]
+    return line
+
+
+#: File name endings that promise a TIFF, and the GDAL drivers that read TIFFs.
+_TIFF_SUFFIXES = {".tif", ".tiff", ".gtif"}
+_TIFF_DRIVERS = {"GTiff", "COG", "LIBERTIFF"}
+
+
+def _check_driver(p: Path, driver: str) -> None:
+    """A file named ``*.tif`` must be a TIFF: anything else there is a mix-up, not an orthomosaic."""
+    if p.suffix.lower() in _TIFF_SUFFIXES and driver not in _TIFF_DRIVERS:
+        raise RasterError(
+            f"{p}: named like a GeoTIFF, but its content is a {driver} file. Check that the right"
+            " file was exported or copied; to ingest a plain picture, give it its own file ending."
+        )
 
 
 def _choose_bands(
@@ -245,7 +274,7 @@ def _percentile_stretch(
     return tuple(out)
 
 
-def open_raster(spec: RasterSpec, tiling: Tiling, *, chunk: int = 2048) -> "xr.DataArray":  # noqa: F821
+def open_raster(spec: RasterSpec, tiling: Tiling, *, chunk: int = 2048) -> xr.DataArray:
     """Open ``spec`` lazily as ``DataArray(band, y, x)``, cropped to whole tiles.
 
     The colour bands come first (in R, G, B order), then the alpha band if
@@ -255,6 +284,7 @@ def open_raster(spec: RasterSpec, tiling: Tiling, *, chunk: int = 2048) -> "xr.D
     the array is computed.
     """
     import rioxarray
+    import xarray as xr
 
     h = crop_size(spec.height, tile=tiling.tile)
     w = crop_size(spec.width, tile=tiling.tile)
@@ -272,6 +302,8 @@ def open_raster(spec: RasterSpec, tiling: Tiling, *, chunk: int = 2048) -> "xr.D
             lock=False,
         )
     read = list(spec.bands) + ([spec.alpha] if spec.alpha is not None else [])
+    if not isinstance(da, xr.DataArray):
+        raise RasterError(f"{spec.path}: holds several subdatasets; pass one of them (e.g. with a GDAL path).")
     da = da.isel(band=[b - 1 for b in read], y=slice(0, h), x=slice(0, w))
     return da.chunk({"band": -1, "y": ys if h else -1, "x": xs if w else -1})
 
@@ -349,7 +381,7 @@ def read_window(source: dict, wy: int, wx: int, *, tile: int, stride: int) -> np
             warnings.simplefilter("ignore")
             with rasterio.open(source["path"]) as ds:
                 block = ds.read(bands, window=Window(wx * stride, wy * stride, tile, tile))
-    except rasterio.errors.RasterioIOError as e:
+    except Exception as e:  # missing, changed or damaged since ingest
         raise RasterError(f"{source['path']}: cannot read back window ({wy},{wx}): {_first_line(e)}") from None
     scale = source.get("scale")
     rgb, _ = to_rgb_and_empty(

@@ -46,7 +46,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -306,7 +306,7 @@ def break_lock(path: str | os.PathLike[str], *, force: bool = False) -> dict[str
 # --------------------------------------------------------------------------- reading
 
 
-def _open_group(path: Path, mode: str) -> Any:
+def _open_group(path: Path, mode: Literal["r", "r+"]) -> Any:
     import zarr
 
     if path.exists() and not path.is_dir():
