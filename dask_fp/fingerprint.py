@@ -18,7 +18,7 @@ import numpy as np
 from dask.delayed import Delayed
 
 from .models import ModelOptions, ResolvedWeights, load_model
-from .raster import RasterSpec, to_rgb_and_empty
+from .raster import RasterSpec, limit_gdal_cache, to_rgb_and_empty
 from .tiling import Tiling, grid_shape, owned_windows, window_empty_fraction
 
 if TYPE_CHECKING:
@@ -72,6 +72,7 @@ def block_kernel(
     weights: ResolvedWeights,
 ) -> BlockResult:
     """Windows → validity → model → features for one block (with its halo)."""
+    limit_gdal_cache()
     rgb, empty = to_rgb_and_empty(
         np.asarray(block),
         n_colour=len(spec.bands),

@@ -171,19 +171,37 @@ def _source_entry(spec: RasterSpec, index: int) -> dict[str, Any]:
 def _run_blocks(client: Any, tasks: list, bar: _Progress, path: str) -> Iterator[BlockResult]:
     """Run block tasks on the cluster; yield results in block order as they become available.
 
-    A failure inside a task (say, a read error in a damaged file) is raised as a
-    :class:`DaskFpError` naming the file and the block.
+    Blocks are submitted in row-major order through a sliding window of
+    :func:`in_flight` blocks, so worker memory is bounded by a strip of the
+    raster, not the whole image; the window spans a row of blocks plus two
+    per thread, so a chunk read for one block is still there for the
+    neighbours that borrow its halo. A failure inside a task (say, a read
+    error in a damaged file) is raised as a :class:`DaskFpError` naming the
+    file and the block.
     """
     from distributed import as_completed
 
     if not tasks:
         return
-    futures = client.compute([t for _, t in tasks])
-    order = {f.key: i for i, f in enumerate(futures)}
+    pending = iter(enumerate(tasks))
+    order: dict[str, int] = {}
+    live: dict[str, Any] = {}
+    ac = as_completed([], loop=client.loop)
+
+    def submit() -> None:
+        item = next(pending, None)
+        if item is not None:
+            fut = client.compute(item[1][1])
+            order[fut.key], live[fut.key] = item[0], fut
+            ac.add(fut)
+
+    ncols = 1 + max(plan.index[1] for plan, _ in tasks)
+    for _ in range(in_flight(client, ncols)):
+        submit()
     ready: dict[int, BlockResult] = {}
     nxt = 0
     try:
-        for fut in as_completed(futures, loop=client.loop):
+        for fut in ac:
             try:
                 res: BlockResult = fut.result()
             except DaskFpError:
@@ -199,13 +217,24 @@ def _run_blocks(client: Any, tasks: list, bar: _Progress, path: str) -> Iterator
                 ) from None
             bar.update(res.n_windows, len(res.wy))
             ready[order[fut.key]] = res
+            live.pop(fut.key, None)
             fut.release()
+            submit()
             while nxt in ready:
                 yield ready.pop(nxt)
                 nxt += 1
     finally:
-        for f in futures:
+        for f in live.values():
             f.cancel()
+
+
+def in_flight(client: Any, blocks_per_row: int) -> int:
+    """Blocks submitted at once: a row of blocks plus two per worker thread."""
+    try:
+        threads = sum(client.nthreads().values())
+    except Exception:  # a cluster still starting
+        threads = 0
+    return blocks_per_row + 2 * max(threads, 2)
 
 
 def _rows(

@@ -11,6 +11,7 @@ into uint8 RGB plus the empty-pixel mask; it is pure numpy.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import warnings
@@ -82,6 +83,20 @@ class RasterSpec:
     def n_read(self) -> int:
         """Bands read per pixel: the colour bands, plus the alpha band if any."""
         return len(self.bands) + (self.alpha is not None)
+
+
+#: GDAL's block cache per worker process, in MiB. GDAL's default (5 % of RAM) keeps
+#: decoded blocks of a large orthomosaic around although each is read about once; capped,
+#: worker memory stays flat as images grow (bench/ingest.py section 4).
+GDAL_CACHE_MB = 256
+
+
+@functools.cache
+def limit_gdal_cache(mb: int = GDAL_CACHE_MB) -> None:
+    """Cap GDAL's block cache in this process (once)."""
+    from rasterio.env import set_gdal_config
+
+    set_gdal_config("GDAL_CACHEMAX", int(mb))
 
 
 def file_sha256(path: str | os.PathLike[str], *, block: int = 1 << 22) -> str:
