@@ -326,3 +326,24 @@ def gpu_resources(client: Any) -> tuple[tuple[str, float], ...] | None:
     if any(w.get("resources", {}).get("GPU") for w in workers):
         return (("GPU", 1.0),)
     return None
+
+
+def torch_threads_per_task(client: Any) -> int:
+    """Torch CPU threads per model call so the cluster's cores are used, not oversubscribed.
+
+    Dask workers start with ``OMP_NUM_THREADS=1``, so torch would use one core
+    per Dask thread. This gives each model call ``cores on the host // Dask
+    threads on the host`` (the smallest over hosts, at least 1); 0 (leave
+    torch alone) when no worker has joined yet.
+    """
+    workers = client.scheduler_info().get("workers", {})
+    if not workers:
+        return 0
+    cores = client.run(environment_threads)
+    threads_on: dict[str, int] = {}
+    cores_on: dict[str, int] = {}
+    for addr, w in workers.items():
+        host = w.get("host", addr)
+        threads_on[host] = threads_on.get(host, 0) + int(w.get("nthreads", 1))
+        cores_on[host] = max(cores_on.get(host, 1), int(cores.get(addr, 1)))
+    return max(1, min(cores_on[h] // threads_on[h] for h in threads_on))

@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     from .cli import _format_info
     from .cluster import ClusterOptions, get_client
     from .export import write_outputs
-    from .models import ModelOptions, environment_threads
+    from .models import ModelOptions
     from .search import search
     from .tiling import Tiling
 
@@ -156,8 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     store_path = out / "fp.zarr"
     opts = ClusterOptions(workers=args.workers)
     with get_client(opts, log=_say) as client:
-        n_threads = sum(w["nthreads"] for w in client.scheduler_info()["workers"].values())
-        mopts = ModelOptions(model, weights=weights, threads=max(1, environment_threads() // n_threads))
+        mopts = ModelOptions(model, weights=weights)
         ingest([str(f) for f in files.values()], str(store_path), model=mopts, tiling=tiling, client=client,
                log=_say)
         store = open_store(store_path)

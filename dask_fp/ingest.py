@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -108,6 +108,10 @@ def ingest(
         if s.crs_wkt is None:
             say(f"note: {s.path} has no CRS; tiles get pixel coordinates and NaN lon/lat.")
     client = client or default_client()
+    if model.threads == 0 and not model.device.startswith("cuda"):
+        from .cluster import torch_threads_per_task
+
+        model = replace(model, threads=torch_threads_per_task(client))
     report = IngestReport(store=str(store))
     with open_writer(store, settings, wait=wait) as writer:
         seen: set[str] = set()

@@ -72,7 +72,8 @@ class ModelOptions:
         Windows per forward pass; 0 picks 32 on the CPU and 256 on a GPU
         (see docs/performance.md).
     threads : int
-        Torch intra-op threads per model call on the CPU (0: leave torch's default).
+        Torch intra-op threads per model call on the CPU (0: leave torch's default;
+        :func:`dask_fp.ingest` then picks cores // Dask threads per host).
     resources : tuple of (str, float), optional
         Dask worker resources the model tasks require (e.g. ``(("GPU", 1),)``).
     input_size : int, optional
