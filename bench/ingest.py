@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes, one repeat (smoke run)")
     p.add_argument("--workdir", default=str(REPO / "bench-output" / "ingest"))
     p.add_argument("--data", default=str(REPO / "demo-data"))
-    p.add_argument("--size", type=int, default=2048, help="side of the throughput image (px)")
+    p.add_argument("--size", type=int, default=4096, help="side of the throughput image (px)")
     p.add_argument("--big", default="10240,20480", help="sides of the memory-test images (px)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--sections", default="1,2,3,4,5")
