@@ -17,7 +17,7 @@ import dask.array as da
 import numpy as np
 from dask.delayed import Delayed
 
-from .models import ModelOptions, ResolvedWeights, load_model
+from .models import ModelOptions, ResolvedWeights, get_spec, load_model
 from .raster import RasterSpec, limit_gdal_cache, to_rgb_and_empty
 from .tiling import Tiling, grid_shape, owned_windows, window_empty_fraction
 
@@ -84,23 +84,16 @@ def block_kernel(
     frac = window_empty_fraction(empty, tile=tiling.tile, stride=tiling.stride, n_wy=n_wy, n_wx=n_wx)
     keep = frac <= tiling.max_empty
     iy, ix = np.nonzero(keep)
-    dim = load_model(model, weights).spec.dim if iy.size else _dim(model)
-    feats = np.empty((0, dim), dtype=np.float32)
-    if iy.size:
-        windows = cut_windows(rgb, keep, tile=tiling.tile, stride=tiling.stride)
-        feats = load_model(model, weights).embed(windows)
+    if iy.size:  # an all-empty block never loads or runs the model
+        feats = load_model(model, weights).embed(cut_windows(rgb, keep, tile=tiling.tile, stride=tiling.stride))
+    else:
+        feats = np.empty((0, get_spec(model.name).dim), dtype=np.float32)
     return BlockResult(
         wy=(iy + plan.wy0).astype(np.int32),
         wx=(ix + plan.wx0).astype(np.int32),
         features=feats,
         n_windows=plan.n_windows,
     )
-
-
-def _dim(model: ModelOptions) -> int:
-    from .models import get_spec
-
-    return get_spec(model.name).dim
 
 
 def plan_blocks(chunks: tuple[tuple[int, ...], tuple[int, ...]], n_wy: int, n_wx: int, stride: int) -> list[BlockPlan]:
