@@ -343,7 +343,7 @@ def overlap_at(a: np.ndarray, b: np.ndarray, k: int) -> float:
 
 def knn_seconds(store: Any, queries: np.ndarray, m: int, repeats: int = 3) -> float:
     """Median wall time of the k-NN reduction alone, for a batch of queries, on a persisted store."""
-    from dask_fp.search import knn
+    from dask_fp.scan import knn
 
     x, n2 = store.fingerprints(), store.norm2()
     times = []

@@ -275,7 +275,7 @@ def profile_knn(client: Any, store: Any, q: np.ndarray) -> dict[str, Any]:
     """One knn call under the task stream: task count and compute seconds per task prefix."""
     from distributed import get_task_stream
 
-    from dask_fp.search import knn
+    from dask_fp.scan import knn
 
     t0 = time.perf_counter()
     with get_task_stream(client) as ts:

@@ -5,8 +5,7 @@ Importing the package has no side effects: no cluster starts, no model loads.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .errors import (  # noqa: E402
     ClusterError,
     DaskFpError,

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from . import __version__
+from ._version import __version__
 from .errors import DaskFpError
 
 
@@ -134,7 +134,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from .ingest import ingest
     from .models import ModelOptions
     from .raster import RasterOptions
-    from .store import open_store
+    from .store import format_summary, open_store
     from .tiling import Tiling
 
     try:
@@ -152,41 +152,15 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     info["this_run"] = {"tiles_added": report.tiles, "seconds": round(report.seconds, 2),
                         "tiles_per_second": round(report.tiles / report.seconds, 2) if report.seconds else None,
                         "skipped": [s.path for s in report.sources if s.skipped]}
-    print(json.dumps(info, indent=2) if args.json else _format_info(info))
+    print(json.dumps(info, indent=2) if args.json else format_summary(info))
     return 0
 
 
-def _format_info(info: dict[str, Any]) -> str:
-    mb = 1 / 2**20
-    lines = [
-        f"store      {info['path']}",
-        f"model      {info['model']} ({info['weights']}, sha256 {info['weights_sha256'][:12]}…), "
-        f"{info['feature_dim']}-d {info['dtype']}",
-        f"tiling     {info['tile']} px tiles, stride {info['stride']}, max empty {info['max_empty']}",
-        f"sources    {info['sources']}",
-        f"tiles      {info['tiles']} kept of {info['windows']} windows ({info['dropped_empty']} dropped as empty)",
-        f"bytes      fingerprints {info['fingerprint_bytes'] * mb:.2f} MiB, on disk "
-        f"{info['store_bytes_on_disk'] * mb:.2f} MiB"
-        + (f" ({info['bytes_per_tile_on_disk']:.0f} B/tile)" if info["bytes_per_tile_on_disk"] else ""),
-        f"compression {info['compression_uint8_pixels']:.0f}x vs uint8 pixels, "
-        f"{info['compression_float32_pixels']:.0f}x vs float32 pixels",
-        f"query cost {info['query_bytes_scanned'] * mb:.2f} MiB scanned per query (or batch of queries)",
-    ]
-    for s in info["source_table"]:
-        lines.append(f"  [{s['index']}] {s['path']}: {s['tiles']} tiles of {s['windows']} windows, "
-                     f"{s['crs_name'] or 'no CRS'}")
-    if "this_run" in info:
-        r = info["this_run"]
-        lines.append(f"this run   {r['tiles_added']} tiles in {r['seconds']} s ({r['tiles_per_second']} tiles/s)"
-                     + (f"; skipped {len(r['skipped'])} already stored" if r["skipped"] else ""))
-    return "\n".join(lines)
-
-
 def cmd_info(args: argparse.Namespace) -> int:
-    from .store import open_store
+    from .store import format_summary, open_store
 
     info = open_store(args.store).info()
-    print(json.dumps(info, indent=2) if args.json else _format_info(info))
+    print(json.dumps(info, indent=2) if args.json else format_summary(info))
     return 0
 
 

@@ -21,6 +21,7 @@ Model tasks land on GPU workers through :func:`gpu_resources`.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import warnings
@@ -32,7 +33,6 @@ from typing import Any
 from distributed import Client, LocalCluster, WorkerPlugin
 
 from .errors import ClusterError
-from .models import environment_threads
 
 KINDS = ("local", "slurm", "pbs", "local-cuda")
 JOBQUEUE_KINDS = ("slurm", "pbs")
@@ -326,6 +326,14 @@ def gpu_resources(client: Any) -> tuple[tuple[str, float], ...] | None:
     if any(w.get("resources", {}).get("GPU") for w in workers):
         return (("GPU", 1.0),)
     return None
+
+
+def environment_threads() -> int:
+    """CPU threads available to this process."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
 
 
 def torch_threads_per_task(client: Any) -> int:

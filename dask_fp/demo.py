@@ -140,12 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=None)
     args = p.parse_args(argv)
 
-    from . import ingest, open_store
-    from .cli import _format_info
     from .cluster import ClusterOptions, get_client
     from .export import write_outputs
+    from .ingest import ingest
     from .models import ModelOptions
     from .search import search
+    from .store import format_summary, open_store
     from .tiling import Tiling
 
     data, out = Path(args.data), Path(args.out)
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         ingest([str(f) for f in files.values()], str(store_path), model=mopts, tiling=tiling, client=client,
                log=_say)
         store = open_store(store_path)
-        _say(_format_info(store.info()))
+        _say(format_summary(store.info()))
 
         drone = files["drone-2cm-ecomapper.tif"]
         chip = make_query_chip(drone, out / "query-chip.png", row=700, col=1500, tile=tiling.tile)

@@ -20,7 +20,7 @@ from .raster import read_window
 from .tiling import window_rings
 
 if TYPE_CHECKING:
-    from .search import Hits
+    from .hits import Hits
 
 DENSIFY = 8  # points per footprint edge when reprojecting
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -415,11 +414,3 @@ def embed(
     """Fingerprints of uint8 windows ``(n, 3, H, W)`` with the model of ``options``."""
     weights = weights or resolve_weights(options)
     return load_model(options, weights).embed(pixels)
-
-
-def environment_threads() -> int:
-    """CPU threads available to this process."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1

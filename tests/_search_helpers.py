@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-import dask_fp.store as store_mod
+import dask_fp.store.writer as store_mod
 from dask_fp.store import Store, StoreSettings, open_store, open_writer
 from dask_fp.tiling import Tiling, grid_shape, make_uid, window_centres
 

@@ -20,16 +20,9 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from dask_fp.errors import QueryError
-from dask_fp.search import (
-    Query,
-    candidates_needed,
-    dedup_mask,
-    knn,
-    knn_chunk,
-    knn_merge,
-    search,
-    top_m,
-)
+from dask_fp.kernels import candidates_needed, dedup_mask, knn_chunk, knn_merge, top_m
+from dask_fp.scan import knn
+from dask_fp.search import Query, search
 from dask_fp.store import open_store, open_writer
 from dask_fp.tiling import Tiling, grid_shape, make_uid, windows_overlap
 

@@ -1,0 +1,42 @@
+"""Search results: a table with one row per (query, rank), and ways to look at them."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from .export import hits_geojson, mosaic
+
+if TYPE_CHECKING:
+    from .query import Query
+    from .store import Store
+
+TABLE_COLUMNS = ["query", "label", "rank", "uid", "distance", "source", "path", "wy", "wx",
+                 "x", "y", "lon", "lat", "row"]
+
+
+class Hits:
+    """Search results: a table with one row per (query, rank), and helpers to look at them."""
+
+    def __init__(self, table: pd.DataFrame, queries: list[Query], store: Store) -> None:
+        self.table = table
+        self.queries = queries
+        self.store = store
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __repr__(self) -> str:
+        return f"Hits({len(self.queries)} queries, {len(self.table)} hits)\n{self.table.head(20)!r}"
+
+    def for_query(self, i: int) -> pd.DataFrame:
+        return self.table[self.table["query"] == i]
+
+    def to_geojson(self, path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+        return hits_geojson(self, path)
+
+    def mosaic(self, path: str | os.PathLike[str], query: int = 0) -> str:
+        return mosaic(self, query, path)
+
