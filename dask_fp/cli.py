@@ -14,7 +14,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._version import __version__
+from .cluster import KINDS
 from .errors import DaskFpError
+from .models import REGISTRY
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -55,7 +57,7 @@ def _positive(text: str) -> int:
 def _cluster_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cluster", "where the work runs; the dashboard link is printed either way."
                              " slurm/pbs read Dask's jobqueue config (~/.config/dask/jobqueue.yaml)")
-    g.add_argument("--cluster", default="local", choices=["local", "slurm", "pbs", "local-cuda"],
+    g.add_argument("--cluster", default="local", choices=KINDS,
                    help="kind of cluster to start (default: local)")
     g.add_argument("--scheduler", metavar="ADDR", help="address of a running Dask scheduler (tcp://host:8786)")
     g.add_argument("--workers", type=_positive, metavar="N",
@@ -75,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     ing = sub.add_parser("ingest", help="fingerprint orthomosaics into a store")
     ing.add_argument("rasters", nargs="+", metavar="RASTER", help="GeoTIFF / COG files")
     ing.add_argument("--store", required=True, help="store directory (created if missing)")
-    ing.add_argument("--model", default="resnet18", choices=["resnet18", "efficientnet-lite0"])
+    ing.add_argument("--model", default="resnet18", choices=list(REGISTRY))
     ing.add_argument("--weights", metavar="PATH|random", help="weights file, or 'random' (tests only)")
     ing.add_argument("--seed", type=int, default=0, help="seed for --weights random")
     ing.add_argument("--tile", type=_positive, default=256)
@@ -166,16 +168,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_query(args: argparse.Namespace) -> int:
     from .export import write_outputs
-    from .models import ModelOptions
+    from .query import store_model_options
     from .search import search
     from .store import open_store
 
     store = open_store(args.store)
-    model = None
-    if args.weights:
-        model = ModelOptions(name=store.attrs["model"], weights=args.weights,
-                             seed=int(store.attrs.get("weights_seed") or 0),
-                             input_size=store.attrs.get("input_size"))
+    model = store_model_options(store, weights=args.weights) if args.weights else None
     with _cluster(args):
         if args.persist:
             store.persist()

@@ -225,11 +225,17 @@ def _start_jobqueue(options: ClusterOptions) -> Any:
 
 
 def _wait_for_first_worker(client: Any, cluster: Any, options: ClusterOptions, say: Callable[[str], None]) -> None:
+    """``Client.wait_for_workers(1)`` in 30 s steps (a note each step), up to ``options.start_timeout``."""
     t0 = time.monotonic()
-    next_note = 30.0
-    while not client.scheduler_info().get("workers"):
+    while True:
         waited = time.monotonic() - t0
-        if waited > options.start_timeout:
+        step = min(30.0, options.start_timeout - waited)
+        try:
+            client.wait_for_workers(1, timeout=max(step, 0.1))
+            return
+        except TimeoutError:
+            waited = time.monotonic() - t0
+        if waited >= options.start_timeout:
             ids = _job_ids(cluster)
             log_dir = _config(options.cluster, "log-directory")
             raise ClusterError(
@@ -240,11 +246,8 @@ def _wait_for_first_worker(client: Any, cluster: Any, options: ClusterOptions, s
                 " Check that the workers can reach the scheduler (jobqueue interface) and run"
                 f" {sys.executable}."
             )
-        if waited > next_note:
-            say(f"dask: waiting for the first {options.cluster} worker ({waited:.0f} s; jobs"
-                f" {', '.join(_job_ids(cluster)) or 'being submitted'})")
-            next_note += 30.0
-        time.sleep(0.2)
+        say(f"dask: waiting for the first {options.cluster} worker ({waited:.0f} s; jobs"
+            f" {', '.join(_job_ids(cluster)) or 'being submitted'})")
 
 
 def _config(kind: str, key: str) -> Any:

@@ -140,13 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=None)
     args = p.parse_args(argv)
 
+    import rasterio.warp
+
     from .cluster import ClusterOptions, get_client
     from .export import write_outputs
     from .ingest import ingest
     from .models import ModelOptions
     from .search import search
     from .store import format_summary, open_store
-    from .tiling import Tiling
+    from .tiling import Tiling, pixel_to_xy
 
     data, out = Path(args.data), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -168,11 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         chip = make_query_chip(drone, out / "query-chip.png", row=700, col=1500, tile=tiling.tile)
         src = next(s for s in store.sources if s["path"].endswith("drone-2cm-ecomapper.tif"))
         row, col = 450.0, 1100.0  # a point inside the drone orthomosaic
-        a, b, c, d, e, f = src["transform"][:6]
-        from pyproj import Transformer
-
-        lon, lat = Transformer.from_crs(src["crs"], "EPSG:4326", always_xy=True).transform(
-            a * col + b * row + c, d * col + e * row + f)
+        x, y = pixel_to_xy(tuple(src["transform"][:6]), np.array([row]), np.array([col]))
+        (lon,), (lat,) = rasterio.warp.transform(src["crs"], "EPSG:4326", x, y)
         neon = next(s for s in store.sources if s["path"].endswith("OSBS_029.tif"))
         uid = int(store.coords(np.arange(neon["rows"][0], neon["rows"][1]))["uid"][0]) if neon["tiles"] else None
         runs = {"query-image": dict(images=[str(chip)]), "query-lonlat": dict(lonlats=[(lon, lat)])}

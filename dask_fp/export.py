@@ -25,23 +25,35 @@ if TYPE_CHECKING:
 DENSIFY = 8  # points per footprint edge when reprojecting
 
 
-def _ring(src: dict[str, Any], wy: int, wx: int, tile: int, stride: int) -> list[list[float]]:
-    """Footprint ring in WGS84 (lon, lat), densified, closed, counter-clockwise."""
-    from pyproj import Transformer
+def footprints(src: dict[str, Any], wy: np.ndarray, wx: np.ndarray, tile: int, stride: int) -> list[dict[str, Any]]:
+    """WGS84 footprints of windows ``(wy, wx)`` of one source, as GeoJSON geometries.
 
-    corners = window_rings(tuple(src["transform"]), np.array([wy]), np.array([wx]), tile=tile, stride=stride)[0]
-    pts = []
-    for a, b in zip(corners[:-1], corners[1:], strict=True):
-        for t in np.linspace(0.0, 1.0, DENSIFY, endpoint=False):
-            pts.append(a + (b - a) * t)
-    pts.append(corners[0])
-    xy = np.array(pts)
-    t = Transformer.from_crs(src["crs"], "EPSG:4326", always_xy=True)
-    lon, lat = t.transform(xy[:, 0], xy[:, 1])
-    ring = np.stack([lon, lat], axis=1)
-    if _signed_area(ring) < 0:  # RFC 7946: exterior rings are counter-clockwise
-        ring = ring[::-1]
-    return [[round(float(x), 9), round(float(y), 9)] for x, y in ring]
+    Each tile's edges are densified (``DENSIFY`` points each) and the lot is
+    reprojected in one :func:`rasterio.warp.transform_geom` call, which cuts a
+    footprint that crosses the antimeridian into a MultiPolygon (RFC 7946
+    §3.1.9). Exterior rings are counter-clockwise; coordinates are rounded to
+    1e-9 degrees.
+    """
+    from rasterio.warp import transform_geom
+
+    rings = window_rings(tuple(src["transform"]), np.asarray(wy), np.asarray(wx), tile=tile, stride=stride)
+    t = np.arange(DENSIFY) / DENSIFY
+    geoms = []
+    for corners in rings:
+        a, b = corners[:-1], corners[1:]
+        pts = (a[:, None, :] + (b - a)[:, None, :] * t[None, :, None]).reshape(-1, 2)
+        geoms.append({"type": "Polygon", "coordinates": [[*pts.tolist(), corners[0].tolist()]]})
+    out = transform_geom(src["crs"], "EPSG:4326", geoms, antimeridian_cutting=True, precision=9)
+    return [_ccw(dict(g)) for g in out]
+
+
+def _ccw(geom: dict[str, Any]) -> dict[str, Any]:
+    polys = [geom["coordinates"]] if geom["type"] == "Polygon" else geom["coordinates"]
+    fixed = []
+    for poly in polys:
+        ring = np.asarray(poly[0], dtype=np.float64)
+        fixed.append([(ring if _signed_area(ring) >= 0 else ring[::-1]).tolist(), *poly[1:]])
+    return {"type": geom["type"], "coordinates": fixed[0] if geom["type"] == "Polygon" else fixed}
 
 
 def _signed_area(ring: np.ndarray) -> float:
@@ -59,14 +71,18 @@ def hits_geojson(hits: Hits, path: str | os.PathLike[str] | None = None) -> dict
     tile, stride = int(st.attrs["tile"]), int(st.attrs["stride"])
     sources = {s["index"]: s for s in st.sources}
     geo, pix = [], []
-    for r in hits.table.itertuples(index=False):
+    table = hits.table
+    shapes: dict[int, Any] = {}  # table position -> WGS84 geometry, one reprojection per source
+    for sid, grp in table.groupby("source", sort=False):
+        if sources[int(sid)].get("crs"):
+            geoms = footprints(sources[int(sid)], grp["wy"].to_numpy(), grp["wx"].to_numpy(), tile, stride)
+            shapes.update(zip(grp.index, geoms, strict=True))
+    for i, r in zip(table.index, table.itertuples(index=False), strict=True):
         src = sources[r.source]
         props = {"query": int(r.query), "query_label": r.label, "rank": int(r.rank), "uid": int(r.uid),
                  "distance": float(r.distance), "source": src["path"], "wy": int(r.wy), "wx": int(r.wx)}
-        if src.get("crs"):
-            ring = _ring(src, r.wy, r.wx, tile, stride)
-            geo.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
-                        "properties": props})
+        if i in shapes:
+            geo.append({"type": "Feature", "geometry": shapes[i], "properties": props})
         else:
             c0, r0 = r.wx * stride, r.wy * stride
             ring = [[c0, r0], [c0, r0 + tile], [c0 + tile, r0 + tile], [c0 + tile, r0], [c0, r0]]

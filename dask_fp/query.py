@@ -62,13 +62,24 @@ def load_query_image(path: str | os.PathLike[str], tile: int) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
+def store_model_options(store: Store, weights: str | None = None) -> ModelOptions:
+    """The model options a store records (its model, seed and input size), with ``weights`` if given.
+
+    ``weights`` (a file path or ``"random"``) replaces the store's own weights
+    choice; :func:`model_for_store` then checks that its hash matches.
+    """
+    a = store.attrs
+    if weights is None and a.get("weights") == "random":
+        weights = "random"
+    return ModelOptions(name=a["model"], weights=weights, seed=int(a.get("weights_seed") or 0),
+                        input_size=a.get("input_size"))
+
+
 def model_for_store(store: Store, model: ModelOptions | None = None) -> ModelOptions:
     """Model options that reproduce the store's fingerprints; refuse any other model."""
     a = store.attrs
     if model is None:
-        random = a.get("weights") == "random"
-        model = ModelOptions(name=a["model"], weights="random" if random else None,
-                             seed=int(a.get("weights_seed") or 0), input_size=a.get("input_size"))
+        model = store_model_options(store)
     elif model.input_size != a.get("input_size"):
         model = replace(model, input_size=a.get("input_size"))
     if model.name != a["model"]:
