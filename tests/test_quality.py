@@ -147,7 +147,7 @@ def test_float16_twin_equals_a_float16_ingest(tmp_path, client):
     assert twin.committed == s16.committed == 15
     for name in ("fingerprint", "norm2", "uid", "x", "y"):
         np.testing.assert_array_equal(np.asarray(twin.arrays[name][:]), np.asarray(s16.arrays[name][:]))
-    assert not twin.attrs["sources"][0].keys() ^ s16.attrs["sources"][0].keys()
+    assert not twin.sources[0].keys() ^ s16.sources[0].keys()
     assert twin.attrs["dtype"] == "float16" and twin.attrs["weights_sha256"] == s32.attrs["weights_sha256"]
     # Baseline stores search like fingerprint stores: by uid, de-duplicated.
     px = q.store_pixels(s32)

@@ -50,10 +50,11 @@ def test_schema_and_attributes(two_tifs, tmp_path, client):
         assert st.arrays[name].shape == (n,) and st.arrays[name].dtype == dt
     a_ = st.attrs
     for key in ("model", "weights", "weights_sha256", "feature_dim", "tile", "stride", "max_empty",
-                "normalisation", "dask_fp_version", "sources", "committed"):
+                "normalisation", "dask_fp_version", "committed_sources", "committed"):
         assert key in a_
     assert a_["model"] == "resnet18" and a_["weights"] == "random" and a_["tile"] == 64
-    src = a_["sources"][0]
+    assert "sources" not in a_ and a_["committed_sources"] == 1  # the table is in arrays, not an attribute
+    src = st.sources[0]
     assert src["sha256"] and src["crs"] and src["transform"] and src["shape"] == [160, 192] and src["tiles"] == n
     c = st.coords()
     assert len(np.unique(c["uid"])) == n
@@ -88,6 +89,31 @@ def test_append_and_reingest_is_a_noop(two_tifs, tmp_path, client):
     rep = run([a, b], out, client)
     assert all(s.skipped for s in rep.sources)
     assert dask_fp.open_store(out).committed == 24
+
+
+def test_format_1_store_is_read_and_migrated_by_the_next_writer(two_tifs, tmp_path, client):
+    """A store of format 1 (sources in a growing attribute) opens as before and is moved into the
+    sources table, in one attributes update, by the next ingest."""
+    import shutil
+
+    import zarr
+
+    a, b = two_tifs
+    out = tmp_path / "v1.zarr"
+    run([a], out, client)
+    before = dask_fp.open_store(out).sources
+    g = zarr.open_group(str(out), mode="r+", zarr_format=3, use_consolidated=False)
+    attrs = {k: v for k, v in g.attrs.items() if k != "committed_sources"}
+    g.attrs.put({**attrs, "format_version": 1, "sources": before})
+    for name in ("source_table", "source_rows"):
+        shutil.rmtree(out / name)
+    old = dask_fp.open_store(out)
+    assert old.sources == before and old.committed == 15
+    run([a, b], out, client)  # a: skipped by hash (found in the old attribute); b: appended
+    st = dask_fp.open_store(out)
+    assert st.attrs["format_version"] == 2 and "sources" not in st.attrs
+    assert [s["path"] for s in st.sources] == [str(a), str(b)] and st.sources[0] == before[0]
+    assert st.committed == 15 + 3 * 3  # b: 128 px, 64 px tiles at stride 32
 
 
 def test_crash_between_rows_and_commit(two_tifs, tmp_path, client, monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +12,12 @@ import numpy as np
 
 from ..errors import StoreError
 from .schema import COORD_DTYPES, COORDS, QUERY_TASK_CHUNKS, SETTING_KEYS, open_arrays, open_group
+from .sources import read_sources
 
 
-def check_chunks(path: Path, arrays: dict[str, Any], committed: int, sources: list[dict[str, Any]]) -> None:
+def check_chunks(
+    path: Path, arrays: dict[str, Any], committed: int, sources: Callable[[], list[dict[str, Any]]]
+) -> None:
     """Every chunk file that holds committed rows must exist.
 
     Zarr silently reads a missing chunk as fill values (zeros, NaN), which
@@ -34,7 +38,7 @@ def check_chunks(path: Path, arrays: dict[str, Any], committed: int, sources: li
     if not missing:
         return
     lo, hi = min(m[1] for m in missing), max(m[2] for m in missing)
-    hit = sorted({s.get("path", "?") for s in sources
+    hit = sorted({s.get("path", "?") for s in sources()
                   if "rows" in s and s["rows"][0] < hi and s["rows"][1] > lo})
     files = ", ".join(m[0] for m in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
     raise StoreError(
@@ -68,8 +72,9 @@ class Store:
                 f"{self.path}: arrays {short} hold fewer rows than the {self.committed} committed;"
                 " the store is damaged."
             )
-        check_chunks(self.path, self.arrays, self.committed, self.sources)
         self._persisted: Any = None
+        self._sources: list[dict[str, Any]] | None = None
+        check_chunks(self.path, self.arrays, self.committed, lambda: self.sources)
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -77,7 +82,10 @@ class Store:
 
     @property
     def sources(self) -> list[dict[str, Any]]:
-        return list(self.attrs.get("sources", []))
+        """The committed sources' records (read once, from the sources table)."""
+        if self._sources is None:
+            self._sources = read_sources(self.group, self.attrs)
+        return list(self._sources)
 
     @property
     def dim(self) -> int:

@@ -14,6 +14,7 @@ import numpy as np
 
 from .._version import __version__
 from ..errors import StoreError, StoreMismatchError
+from . import sources
 from .lock import LOCK_NAME, writer_lock
 from .reader import check_chunks
 from .schema import COORD_DTYPES, COORDS, StoreSettings, now, open_arrays, open_group, rows_per_chunk
@@ -43,13 +44,15 @@ class StoreWriter:
                     + "; ".join(diff)
                     + ". Use a new --store, or the store's settings."
                 )
-            if int(attrs.get("committed", 0)) == 0 and not attrs.get("sources"):
+            if int(attrs.get("format_version", 1)) < sources.FORMAT_VERSION:
+                attrs = sources.migrate_v1(self.group, attrs)
+            if int(attrs.get("committed", 0)) == 0 and not sources.committed_count(attrs):
                 self._create_arrays(settings)  # finish a creation that was interrupted
         self.attrs = dict(self.group.attrs)
         self.arrays = open_arrays(self.group, path)
         self.rows = self.arrays["fingerprint"].chunks[0]
         # Appending to a damaged store would bury the damage under new rows: refuse.
-        check_chunks(path, self.arrays, int(self.attrs.get("committed", 0)), self.attrs.get("sources", []))
+        check_chunks(path, self.arrays, int(self.attrs.get("committed", 0)), lambda: self.sources)
         self._repair()
 
     def _create(self, s: StoreSettings) -> None:
@@ -58,8 +61,8 @@ class StoreWriter:
         # The group and its attributes in one write: an interrupted creation is
         # recognisable (committed 0, no sources) and finished by the next writer.
         self.group = zarr.open_group(str(self.path), mode="a", zarr_format=3, attributes={
-            "format": "dask-fp", "format_version": 1, "dask_fp_version": __version__,
-            **asdict(s), "sources": [], "committed": 0, "created": now(),
+            "format": "dask-fp", "format_version": sources.FORMAT_VERSION, "dask_fp_version": __version__,
+            **asdict(s), "committed_sources": 0, "committed": 0, "created": now(),
         })
         self._create_arrays(s)
 
@@ -90,7 +93,8 @@ class StoreWriter:
                 name, shape=(0,), chunks=(rows,), dtype=COORD_DTYPES[name],
                 dimension_names=("tile",), fill_value=fill,
             )
-        if len(have) < 1 + len(COORDS):
+        sources.create_arrays(self.group)
+        if len(have) < 1 + len(COORDS) + len(sources.NAMES):
             self._consolidate()
 
     def _repair(self) -> None:
@@ -104,6 +108,7 @@ class StoreWriter:
             if arr.shape[0] != committed:
                 arr.resize((committed, *arr.shape[1:]))
                 changed = True
+        changed |= sources.truncate(self.group, sources.committed_count(self.attrs))
         for tmp in self.path.rglob("*.partial"):  # Zarr's atomic-write temporaries
             tmp.unlink(missing_ok=True)
         try:
@@ -118,7 +123,7 @@ class StoreWriter:
         return int(self.attrs["committed"])
 
     def find_source(self, sha256: str) -> dict[str, Any] | None:
-        for s in self.attrs.get("sources", []):
+        for s in self.sources:
             if s["sha256"] == sha256:
                 return s
         return None
@@ -168,9 +173,11 @@ class StoreWriter:
                 pass
 
     def _commit(self, entry: dict[str, Any], committed: int) -> None:
-        """Make a source visible: one metadata update of the group, then the consolidated view."""
-        sources = [*self.attrs.get("sources", []), {**entry, "committed_at": now()}]
-        self.group.attrs.update({"sources": sources, "committed": committed})
+        """Make a source visible: its table entry past ``committed_sources``, then one metadata
+        update of the group (``committed`` and ``committed_sources``), then the consolidated view."""
+        n = self.next_source_index
+        sources.write_entries(self.group, n, [{**entry, "committed_at": now()}])
+        self.group.attrs.update({"committed_sources": n + 1, "committed": committed})
         self.attrs = dict(self.group.attrs)
         self._consolidate()
 
@@ -187,7 +194,12 @@ class StoreWriter:
 
     @property
     def next_source_index(self) -> int:
-        return len(self.attrs.get("sources", []))
+        return sources.committed_count(self.attrs)
+
+    @property
+    def sources(self) -> list[dict[str, Any]]:
+        """The committed sources' records."""
+        return sources.read_sources(self.group, self.attrs)
 
 
 class _RowBuffer:
