@@ -45,7 +45,6 @@ def test_quick_run_prints_a_table(tmp_path, capsys):
     r = out["results"]["3000"]
     assert r["info"]["dask-fp[1x2]"]["check streamed batch"].startswith("equal")
     assert r["info"]["dask-fp[1x2]"]["check persisted single"].startswith("equal")
-    assert all(t["median"] > 0 for t in r["timings_ms"].values())
     saved = json.loads((tmp_path / "query-results.json").read_text())
     assert saved["table"] == out["table"]
     # A second run reuses the store instead of writing it again.

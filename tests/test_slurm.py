@@ -31,7 +31,7 @@ import dask_fp
 from dask_fp.cluster import ClusterOptions, get_client
 from dask_fp.raster import RasterOptions
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.network]  # SLURM comes from Debian's packages when missing
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "deploy" / "slurm" / "local-cluster.sh"

@@ -169,7 +169,7 @@ class StoreWriter:
             try:
                 if arr.shape[0] != start:
                     arr.resize((start, *arr.shape[1:]))
-            except Exception:
+            except Exception:  # noqa: S110 - best effort; the next writer repairs
                 pass
 
     def _commit(self, entry: dict[str, Any], committed: int) -> None:
