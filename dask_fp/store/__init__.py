@@ -17,19 +17,15 @@ norm2          (tile)           float32  squared L2 norm of the stored fingerpri
 Commit protocol: rows of a new source are written past ``committed`` (the
 arrays may be longer than that while a writer works); only when every row is
 on disk does one metadata update move ``committed`` and append the source to
-the ``sources`` table, after which the metadata is consolidated so plain
+the sources table (:mod:`.sources`), after which the metadata is consolidated so plain
 ``xarray.open_zarr`` readers see the new snapshot. Readers of
 :func:`open_store` only ever see rows below ``committed``. One writer at a
 time holds ``writer.lock``.
 
-Test hook (for the crash tests in ``tests/test_reliability.py`` only; inert
-unless set): see :mod:`.testhook`. ``DASK_FP_TEST_PAUSE=POINT[:N]`` makes the writer print
-``dask-fp-test-pause: POINT`` to stderr and sleep
-``DASK_FP_TEST_PAUSE_SECONDS`` (default 300; less if the file named by
-``DASK_FP_TEST_RELEASE`` is removed) the N-th time (default the first) it
-reaches ``POINT``, so a test can kill it exactly there. Points: ``rows``
-(inside a row write: fingerprints on disk, coordinates not yet) and
-``before-commit`` (all rows of a source on disk, not yet committed).
+Modules: :mod:`.schema` (names, types, settings), :mod:`.sources` (the
+sources table), :mod:`.lock` (the single-writer lock), :mod:`.reader`
+(:class:`Store`), :mod:`.writer` (append and commit), :mod:`.testhook` (the
+crash tests' pause points, inert unless set).
 """
 
 from __future__ import annotations
