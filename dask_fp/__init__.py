@@ -28,5 +28,6 @@ from .tiling import Tiling, make_uid, split_uid  # noqa: E402
 __all__ = [
     "ClusterError", "DaskFpError", "Hits", "IngestReport", "Query", "ModelOptions", "QueryError", "RasterError",
     "RasterOptions", "SearchSession", "Store", "StoreError", "StoreLockedError", "StoreMismatchError", "Tiling",
-    "WeightsError", "__version__", "classify", "embed", "ingest", "make_uid", "open_store", "read_labels", "search", "split_uid",
+    "WeightsError", "__version__", "classify", "embed", "ingest", "make_uid", "open_store", "read_labels", "search",
+    "split_uid",
 ]

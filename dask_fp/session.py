@@ -87,9 +87,11 @@ class SearchSession:
         self.negatives: list[Example] = []
 
     def __repr__(self) -> str:
-        return f"SearchSession({self.store.path}, {len(self.positives)} positive, {len(self.negatives)} negative examples)"
+        return (f"SearchSession({self.store.path}, {len(self.positives)} positive,"
+                f" {len(self.negatives)} negative examples)")
 
-    def add(self, positives: Example | Sequence[Example] = (), negatives: Example | Sequence[Example] = ()) -> SearchSession:
+    def add(self, positives: Example | Sequence[Example] = (),
+            negatives: Example | Sequence[Example] = ()) -> SearchSession:
         """Add examples (see :func:`dask_fp.search`); a uid labelled again takes its new label."""
         pos, neg = as_examples(positives), as_examples(negatives)
         self._check(pos + neg)
