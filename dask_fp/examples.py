@@ -175,7 +175,8 @@ def resolve(store: Store, examples: Sequence[Example], *, what: str = "positive"
 def _uid_of(q: Query) -> int:
     from .tiling import make_uid
 
-    assert q.own is not None  # lon/lat queries always come from a stored tile
+    if q.own is None:  # lon/lat queries always come from a stored tile; anything else is a bug here
+        raise QueryError(f"{q.label}: not a stored tile, so it has no uid.")
     s, y, x = q.own
     return int(make_uid(s, y, x))
 
