@@ -14,6 +14,8 @@ import warnings
 from typing import Any
 
 import numpy as np
+from rio_tiler.errors import TileOutsideBounds  # imported once here: importing it in threads races
+from rio_tiler.io import Reader
 
 from ..errors import RasterError
 from ..raster import read_window, to_rgb_and_empty
@@ -56,9 +58,6 @@ def map_tile(source: dict[str, Any], z: int, x: int, y: int, *, size: int = 256)
 
     Raises :class:`OutsideSource` when the tile does not touch the source.
     """
-    from rio_tiler.errors import TileOutsideBounds
-    from rio_tiler.io import Reader
-
     if not source.get("crs"):
         raise RasterError(f"{source['path']} has no CRS: it has no web-mercator tiles; use its preview.")
     try:
