@@ -183,15 +183,6 @@ def test_search_returns_the_engines_hits_with_outlines(api: Any, built: Any) -> 
             assert (-81.1 < ring[:, 0]).all() and (ring[:, 0] < -80.9).all()
 
 
-def _refine_supported() -> bool:
-    import inspect
-
-    import dask_fp
-
-    return "positives" in inspect.signature(dask_fp.search).parameters and hasattr(dask_fp, "classify")
-
-
-@pytest.mark.skipif(not _refine_supported(), reason="needs the examples/classifier search API (search-workflow)")
 def test_refine_area_and_classifier(api: Any, built: Any) -> None:
     from shapely.geometry import box, shape
 

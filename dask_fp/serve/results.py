@@ -9,7 +9,6 @@ GeoJSON features for the map (pixel squares for sources without a CRS);
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 from typing import TYPE_CHECKING, Any
@@ -54,19 +53,8 @@ def run_query(store: Store, index: TileIndex, req: SearchRequest) -> Hits:
             raise QueryError("classifier mode needs at least one positive and one negative example.")
         return dask_fp.classify(store, positives=list(req.positives), negatives=list(req.negatives), k=req.k,
                                 threshold=req.threshold, area=area)
-    if "positives" not in inspect.signature(dask_fp.search).parameters:  # engine before the examples API
-        return _search_by_uids(store, req, area)
     return dask_fp.search(store, positives=list(req.positives), negatives=list(req.negatives), k=req.k,
                           area=area)
-
-
-def _search_by_uids(store: Store, req: SearchRequest, area: Any) -> Hits:
-    """Bridge to the search API without examples/areas: one stored tile as the query."""
-    import dask_fp
-
-    if len(req.positives) > 1 or req.negatives or area is not None:
-        raise QueryError("this dask-fp's search engine takes one example tile: no refining or areas.")
-    return dask_fp.search(store, uids=list(req.positives), k=req.k)
 
 
 def _num(v: Any) -> float | None:

@@ -2,7 +2,8 @@
 // State lives here (positives, negatives, area, mode); every request carries all of it (the server keeps none).
 "use strict";
 
-const state = { info: null, positives: [], negatives: [], area: null, hits: [], busy: false, view: "geo", pixSource: null };
+const state = { info: null, positives: [], negatives: [], area: null, hits: [], busy: false, view: "geo", pixSource: null,
+                labelled: {} };  // uid -> GeoJSON feature of every labelled tile (outlined green / red)
 const $ = (id) => document.getElementById(id);
 const colours = { hit: "#e67e00", positive: "#1a9c3a", negative: "#d0312d", hover: "#1f5fd6" };
 
@@ -10,6 +11,7 @@ const colours = { hit: "#e67e00", positive: "#1a9c3a", negative: "#d0312d", hove
 const geoMap = L.map("map", { zoomControl: true }).setView([0, 0], 2);
 const hoverLayer = L.geoJSON(null, { style: { color: colours.hover, weight: 1.5, dashArray: "4 3", fill: false }, interactive: false }).addTo(geoMap);
 const hitsLayer = L.geoJSON(null, { style: styleFor, onEachFeature: bindRank }).addTo(geoMap);
+const labelsLayer = L.geoJSON(null, { style: (f) => ({ ...styleFor(f), weight: 3, dashArray: null, fillOpacity: 0.2 }), interactive: false }).addTo(geoMap);
 const drawn = new L.FeatureGroup().addTo(geoMap);
 geoMap.addControl(new L.Control.Draw({
   draw: { polyline: false, circle: false, marker: false, circlemarker: false,
@@ -19,7 +21,7 @@ geoMap.addControl(new L.Control.Draw({
 geoMap.on(L.Draw.Event.CREATED, (e) => { drawn.clearLayers(); drawn.addLayer(e.layer); setArea(e.layer.toGeoJSON().geometry); });
 geoMap.on(L.Draw.Event.DELETED, () => setArea(null));
 
-let pixMap = null, pixHover = null, pixHits = null;
+let pixMap = null, pixHover = null, pixHits = null, pixLabels = null;
 const pixToLatLng = (c) => L.latLng(-c[1], c[0]);
 
 function styleFor(f) {
@@ -68,7 +70,7 @@ geoMap.on("click", async (e) => {
   const ll = e.latlng.wrap();
   const f = await locate({ lon: ll.lng.toFixed(8), lat: ll.lat.toFixed(8) });
   if (!f) { status("No stored tile there: click inside an orthomosaic.", "error"); return; }
-  newQuery(f.properties.uid);
+  newQuery(f);
 });
 
 function showPixelSource(src) {
@@ -78,12 +80,13 @@ function showPixelSource(src) {
     pixMap = L.map("pixmap", { crs: L.CRS.Simple, minZoom: -6, maxZoom: 4 });
     pixHover = L.geoJSON(null, { coordsToLatLng: pixToLatLng, style: { color: colours.hover, weight: 1.5, dashArray: "4 3", fill: false }, interactive: false }).addTo(pixMap);
     pixHits = L.geoJSON(null, { coordsToLatLng: pixToLatLng, style: styleFor, onEachFeature: bindRank }).addTo(pixMap);
+    pixLabels = L.geoJSON(null, { coordsToLatLng: pixToLatLng, style: (f) => ({ ...styleFor(f), weight: 3, fillOpacity: 0.2 }), interactive: false }).addTo(pixMap);
     const back = L.control({ position: "topright" });
     back.onAdd = () => { const b = L.DomUtil.create("button"); b.textContent = "back to map"; b.onclick = showGeo; return b; };
     back.addTo(pixMap);
     const where = (e) => ({ source: state.pixSource, row: (-e.latlng.lat).toFixed(2), col: e.latlng.lng.toFixed(2) });
     pixMap.on("mousemove", throttle(async (e) => { const f = await locate(where(e)); pixHover.clearLayers(); if (f) pixHover.addData(f); }, 120));
-    pixMap.on("click", async (e) => { const f = await locate(where(e)); if (f) newQuery(f.properties.uid); else status("No stored tile there.", "error"); });
+    pixMap.on("click", async (e) => { const f = await locate(where(e)); if (f) newQuery(f); else status("No stored tile there.", "error"); });
   }
   pixMap.eachLayer((l) => { if (l instanceof L.ImageOverlay) pixMap.removeLayer(l); });
   const [h, w] = src.shape, bounds = [[-h, 0], [0, w]];
@@ -94,7 +97,10 @@ function showPixelSource(src) {
 function showGeo() { state.view = "geo"; $("pixmap").hidden = true; $("map").hidden = false; geoMap.invalidateSize(); }
 
 // ---------------------------------------------------------------- search
-function newQuery(uid) { state.positives = [uid]; state.negatives = []; $("mode").value = "search"; runSearch(); }
+function newQuery(f) {
+  state.positives = [f.properties.uid]; state.negatives = []; state.labelled = { [f.properties.uid]: f };
+  $("mode").value = "search"; drawLabels(); runSearch();
+}
 function setArea(geom) { state.area = geom; $("clear-area").disabled = !geom; if (state.positives.length) runSearch(); }
 
 async function runSearch() {
@@ -119,6 +125,10 @@ async function runSearch() {
 
 function drawHits() {
   hitsLayer.clearLayers(); if (pixHits) pixHits.clearLayers();
+  labelsLayer.clearLayers(); if (pixLabels) pixLabels.clearLayers();
+  const labelled = [...state.positives, ...state.negatives].map((u) => state.labelled[u]).filter(Boolean);
+  labelsLayer.addData(labelled.filter((f) => !f.properties.pixel));
+  if (pixLabels) pixLabels.addData(labelled.filter((f) => f.properties.pixel && f.properties.source === state.pixSource));
   const geo = state.hits.filter((f) => !f.properties.pixel);
   hitsLayer.addData(geo);
   if (pixHits) pixHits.addData(state.hits.filter((f) => f.properties.pixel && f.properties.source === state.pixSource));
@@ -135,9 +145,9 @@ function drawHits() {
     const value = p.score !== null ? `score ${p.score.toFixed(3)}` : `distance ${p.distance.toPrecision(4)}`;
     meta.textContent = `#${p.rank}  ${value}`; meta.append(document.createElement("br"), `${p.name} (${p.wy},${p.wx})`);
     const good = document.createElement("button"); good.textContent = "+"; good.title = "mark as a good hit (positive)";
-    good.className = "mark-positive"; good.onclick = () => mark(p.uid, "positives");
+    good.className = "mark-positive"; good.onclick = () => mark(f, "positives");
     const bad = document.createElement("button"); bad.textContent = "−"; bad.title = "mark as a bad hit (negative)";
-    bad.className = "mark-negative"; bad.onclick = () => mark(p.uid, "negatives");
+    bad.className = "mark-negative"; bad.onclick = () => mark(f, "negatives");
     li.append(img, meta, good, bad); list.append(li);
   }
 }
@@ -150,7 +160,8 @@ function flyTo(f) {
     showGeo(); geoMap.flyToBounds(L.geoJSON(f).getBounds(), { maxZoom: 19 });
   }
 }
-function mark(uid, list) {
+function mark(f, list) {
+  const uid = f.properties.uid; state.labelled[uid] = f;
   const other = list === "positives" ? "negatives" : "positives";
   state[other] = state[other].filter((u) => u !== uid);
   if (!state[list].includes(uid)) state[list].push(uid);
@@ -179,7 +190,7 @@ async function exportAs(fmt) {
 // ---------------------------------------------------------------- start
 $("refine").onclick = runSearch;
 $("clear-area").onclick = () => { drawn.clearLayers(); setArea(null); };
-$("reset").onclick = () => { state.positives = []; state.negatives = []; state.hits = []; drawn.clearLayers(); state.area = null; drawHits(); drawLabels(); status("Click a place on the map to search for similar places."); };
+$("reset").onclick = () => { state.positives = []; state.negatives = []; state.labelled = {}; state.hits = []; drawn.clearLayers(); state.area = null; drawHits(); drawLabels(); status("Click a place on the map to search for similar places."); };
 $("mode").onchange = () => { drawLabels(); runSearch(); };
 $("threshold").oninput = () => { $("threshold-value").textContent = Number($("threshold").value).toFixed(2); };
 $("threshold").onchange = runSearch;
