@@ -208,11 +208,13 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import serve
+    from .store import open_store
 
     if not 0 <= args.port <= 65535:
         raise DaskFpError(f"--port must be 0..65535, got {args.port}")
+    store = open_store(args.store)  # a bad store fails before any cluster starts
     with _cluster(args) as client:
-        serve(args.store, client=client, host=args.host, port=args.port, persist=not args.no_persist)
+        serve(store, client=client, host=args.host, port=args.port, persist=not args.no_persist)
     return 0
 
 

@@ -298,3 +298,39 @@ def test_survives_a_flood_of_malformed_requests(built: Any, client: Any) -> None
             assert codes <= {400, 404, 411, 413, 422}, codes
             ok = http.post("/api/search", json={"positives": [str(int(make_uid(0, 4, 6)))], "k": 3})
             assert ok.status_code == 200 and len(ok.json()["hits"]["features"]) == 3
+
+
+def test_cli_serve_prints_its_url_and_serves(built: Any) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "dask_fp.cli", "serve", str(built.path), "--port", "0",
+                             "--workers", "1"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        url = None
+        lines = []
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line)
+            if "map page at " in line:
+                url = line.split("map page at ", 1)[1].split()[0]
+                break
+        assert url is not None and url.startswith("http://127.0.0.1:"), lines
+        assert any("dashboard: http" in ln for ln in lines), lines  # the Dask dashboard link, like ingest
+        info = httpx.get(url + "api/info", timeout=30).json()
+        assert info["tiles"] == len(built.cols["uid"]) and info["dashboard"].startswith("http")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def test_cli_serve_rejects_a_bad_port_and_a_missing_store(tmp_path: Path) -> None:
+    from dask_fp.cli import main
+
+    assert main(["serve", str(tmp_path / "nope.zarr"), "--port", "70000"]) == 1
+    with pytest.raises(SystemExit) as e:
+        main(["serve", str(tmp_path), "--port", "abc"])
+    assert e.value.code == 2

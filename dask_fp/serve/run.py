@@ -8,12 +8,12 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from ..store import open_store
+from ..store import Store, open_store
 from .app import ServeOptions, create_app
 
 
 def serve(
-    store: str | os.PathLike[str],
+    store: Store | str | os.PathLike[str],
     *,
     client: Any,
     host: str = "127.0.0.1",
@@ -26,7 +26,7 @@ def serve(
 
     Parameters
     ----------
-    store : path
+    store : Store or path
         The fingerprint store (opened read-only).
     client : distributed.Client
         Where queries run; its dashboard link is shown on the page.
@@ -40,7 +40,7 @@ def serve(
     import uvicorn
 
     say = log or (lambda m: print(m, file=sys.stderr, flush=True))
-    st = open_store(store)
+    st = store if isinstance(store, Store) else open_store(store)
     if persist:
         say(f"serve: loading {st.committed} fingerprints into cluster memory (--no-persist to stream them)")
         st.persist()
