@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -171,3 +172,14 @@ def classify(
     hits = Hits(table, [q], st, rank_by="score")
     hits.classifier = clf
     return hits
+
+
+def write_classified(hits: Hits, out_dir: str | os.PathLike[str], *, mosaic_hits: int = 35) -> dict[str, Any]:
+    """``hits.csv`` and ``hits.geojson`` of every hit, and ``mosaic.png`` of the best ``mosaic_hits``."""
+    from .export import write_outputs
+
+    d = Path(out_dir)
+    files = write_outputs(hits.head(mosaic_hits), d)
+    hits.table.to_csv(d / "hits.csv", index=False)
+    hits.to_geojson(d / "hits.geojson")
+    return files
