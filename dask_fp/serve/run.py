@@ -50,6 +50,7 @@ def serve(
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
+    sock.listen(2048)  # connections made as soon as the URL is printed wait for the server, not fail
     shown = f"[{host}]" if ":" in host else host
     say(f"serve: map page at http://{shown}:{sock.getsockname()[1]}/  (Ctrl-C stops it)")
     config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=5, limit_concurrency=256)
