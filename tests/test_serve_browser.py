@@ -148,6 +148,19 @@ def test_click_label_refine_area_export(tmp_path: Path, shots: Path, client: Any
         expect(page.locator("#threshold-box")).to_be_visible()
         expect(page.locator("#status")).to_contain_text("classifier", timeout=60_000)
         page.screenshot(path=str(shots / "5-classifier.png"))
+
+        # a source without a CRS: its own pixel view; hover and click work there too
+        page.click("#reset")
+        page.click("#sources li:nth-child(2) a")
+        expect(page.locator("#pixmap")).to_be_visible()
+        page.wait_for_function("[...document.querySelectorAll('#pixmap img.leaflet-image-layer')]"
+                               ".some(i => i.complete && i.naturalWidth === 640)")
+        pbox = page.locator("#pixmap").bounding_box()
+        page.mouse.click(pbox["x"] + pbox["width"] / 2, pbox["y"] + pbox["height"] / 2)
+        expect(page.locator("#hits li")).to_have_count(20, timeout=60_000)
+        assert page.evaluate("state.positives.map(u => BigInt(u) >> 42n === 1n)") == [True]
+        assert page.locator("#pixmap .leaflet-overlay-pane path").count() >= 1  # query (and pixel hits) outlined
+        page.screenshot(path=str(shots / "6-pixel-view.png"))
         browser.close()
     assert not errors, errors
     assert not external, external  # no CDN, no network

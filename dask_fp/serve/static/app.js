@@ -190,7 +190,7 @@ async function exportAs(fmt) {
 // ---------------------------------------------------------------- start
 $("refine").onclick = runSearch;
 $("clear-area").onclick = () => { drawn.clearLayers(); setArea(null); };
-$("reset").onclick = () => { state.positives = []; state.negatives = []; state.labelled = {}; state.hits = []; drawn.clearLayers(); state.area = null; drawHits(); drawLabels(); status("Click a place on the map to search for similar places."); };
+$("reset").onclick = () => { state.positives = []; state.negatives = []; state.labelled = {}; state.hits = []; drawn.clearLayers(); state.area = null; $("clear-area").disabled = true; drawHits(); drawLabels(); status("Click a place on the map to search for similar places."); };
 $("mode").onchange = () => { drawLabels(); runSearch(); };
 $("threshold").oninput = () => { $("threshold-value").textContent = Number($("threshold").value).toFixed(2); };
 $("threshold").onchange = runSearch;
