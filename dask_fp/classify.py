@@ -23,7 +23,7 @@ import pandas as pd
 
 from .errors import QueryError
 from .examples import Example, as_examples, resolve
-from .filters import Area, filter_columns, make_filter
+from .filters import Area, candidate_blocks, filter_columns, make_filter
 from .hits import TABLE_COLUMNS, Hits
 from .kernels import candidates_needed
 from .models import ModelOptions
@@ -142,8 +142,10 @@ def classify(
         m = candidates_needed(int(k), store_tiling(st), dedup=dedup, from_store=bool(exclude), n_own=len(exclude))
 
     def run() -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-        s, r = score_pass(st.fingerprints(), coef, intercept, k=m, min_logit=_min_logit(threshold),
-                          split_every=split_every, where=where, columns=filter_columns(st, where))
+        x = st.fingerprints()
+        s, r = score_pass(x, coef, intercept, k=m, min_logit=_min_logit(threshold), split_every=split_every,
+                          where=where, columns=filter_columns(st, where),
+                          blocks=candidate_blocks(st, where, x.chunks[0]))
         return s, r, st.coords(r)
 
     logits, rows, meta = reading(st, run)

@@ -373,3 +373,42 @@ def test_bad_labels_are_query_errors(store, tmp_path):
     h = search(st, uids=[int(store.cols["uid"][0])], k=3)
     with pytest.raises(QueryError, match=r"ranks \[9\] are not among the 3 hits"):
         SearchSession(st).add_hits(h, [9])
+
+
+def test_blocks_of_sources_outside_the_filter_are_not_read(tmp_path):
+    from dask_fp.filters import candidate_blocks, make_filter
+    from dask_fp.search import Query
+
+    specs = [SourceSpec(shape=(320, 384), path=f"s{i}.tif",
+                        transform=(0.5, 0.0, 500_000.0 + 1000.0 * i, 0.0, -0.5, 3_500_000.0)) for i in range(3)]
+    built = build_store(tmp_path / "store", specs, dim=8, rows_per_chunk=16, seed=5)
+    st = built.open()
+    fp, lon, lat, src = built.fingerprint, built.cols["lon"], built.cols["lat"], built.cols["source"]
+    two = src == 2
+    area = box(lon[two].min() - 1e-6, lat[two].min() - 1e-6, lon[two].max() + 1e-6, lat[two].max() + 1e-6)
+    x = st.fingerprints()
+    cases = [({"area": area}, inside(area, lon, lat)), ({"sources": [0, 2]}, src != 1),
+             ({"area": area, "sources": [0]}, None)]
+    for kw, allowed in cases:
+        where = make_filter(st, **kw)
+        blocks = candidate_blocks(st, where, x.chunks[0])
+        starts = np.concatenate([[0], np.cumsum(x.chunks[0])])
+        # every block scanned holds a row of an allowed source; every allowed row is in a scanned block
+        want_src = {2} if "area" in kw else set(kw["sources"])
+        if "sources" in kw and "area" in kw:
+            want_src = set()
+        read = np.zeros(len(fp), bool)
+        for b in blocks:
+            assert want_src & set(src[starts[b]:starts[b + 1]].tolist())
+            read[starts[b]:starts[b + 1]] = True
+        assert len(blocks) < x.numblocks[0]
+        if allowed is None:
+            assert blocks == []
+            with pytest.raises(QueryError, match="no stored tile centre"):
+                search(st, [Query("v", fp[0])], k=3, **kw)
+            continue
+        assert read[allowed].all()
+        qv = fp[int(np.flatnonzero(allowed)[3])] + 1
+        hits = search(st, [Query("v", qv)], k=7, dedup=False, **kw)
+        d, r = brute_ranked(fp, qv, allowed)
+        np.testing.assert_array_equal(hits.table["row"], r[:7])
