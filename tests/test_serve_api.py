@@ -334,3 +334,27 @@ def test_cli_serve_rejects_a_bad_port_and_a_missing_store(tmp_path: Path) -> Non
     with pytest.raises(SystemExit) as e:
         main(["serve", str(tmp_path), "--port", "abc"])
     assert e.value.code == 2
+
+
+def test_tiles_do_not_wait_for_queued_queries(built: Any, client: Any) -> None:
+    """Searches queue on the query thread; a thumbnail asked for meanwhile is answered before they all end."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    st = open_store(built.path)  # streamed from Zarr: each search reads the store
+    done: dict[str, float] = {}
+    uids = [str(int(u)) for u in built.cols["uid"][:: max(1, len(built.cols["uid"]) // 8)][:8]]
+    with running_server(create_app(st, ServeOptions(query_threads=1))) as url, \
+            httpx.Client(base_url=url, timeout=120) as http, ThreadPoolExecutor(9) as pool:
+        def one_search(u: str) -> None:
+            assert http.post("/api/search", json={"positives": [u], "k": 5}).status_code == 200
+            done[f"search {u}"] = time.perf_counter()
+
+        futures = [pool.submit(one_search, u) for u in uids]
+        time.sleep(0.05)
+        r = http.get(f"/api/thumbnails/{int(make_uid(0, 2, 2))}.png")
+        done["thumbnail"] = time.perf_counter()
+        for f in futures:
+            f.result()
+    assert r.status_code == 200
+    assert done["thumbnail"] < max(v for k, v in done.items() if k.startswith("search")), done
