@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 # override TORCH_SPEC for another platform (e.g. a CPU-only index).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup test demo lint bench clean
+.PHONY: setup test demo lint bench clean chromium
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,15 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-test: $(VENV)/.installed
+# The map page's browser test drives Debian's chromium (Playwright cannot download browsers here);
+# install it when apt-get is available and it is missing (CI runs as root on a fresh machine).
+chromium:
+	@if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; \
+	fi
+
+test: $(VENV)/.installed chromium
 	$(PY) -m pytest -q -p no:cacheprovider
 
 demo: $(VENV)/.installed

@@ -186,6 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--include-self", action="store_true", help="keep the labelled tiles among the hits")
     _common_query_args(c, "write hits.csv and hits.geojson (every hit) and mosaic.png (the best 35) here")
 
+    sv = sub.add_parser("serve", help="the map page: click a place, see similar places, label, refine, export")
+    sv.add_argument("store")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    sv.add_argument("--no-persist", action="store_true",
+                    help="stream the store from disk per query instead of keeping it in cluster memory")
+    _cluster_args(sv)
+
     un = sub.add_parser("unlock", help="remove a stale writer lock")
     un.add_argument("store")
     un.add_argument("--force", action="store_true", help="remove even if the holder may be alive")
@@ -303,6 +311,18 @@ def _print_hits(args: argparse.Namespace, hits: Any, files: dict[str, Any] | Non
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+    from .store import open_store
+
+    if not 0 <= args.port <= 65535:
+        raise DaskFpError(f"--port must be 0..65535, got {args.port}")
+    store = open_store(args.store)  # a bad store fails before any cluster starts
+    with _cluster(args) as client:
+        serve(store, client=client, host=args.host, port=args.port, persist=not args.no_persist)
+    return 0
+
+
 def cmd_unlock(args: argparse.Namespace) -> int:
     from .store import break_lock, describe_lock
 
@@ -327,7 +347,7 @@ def _join_negative_values(argv: list[str]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(_join_negative_values(list(sys.argv[1:] if argv is None else argv)))
     handler = {"ingest": cmd_ingest, "info": cmd_info, "query": cmd_query, "classify": cmd_classify,
-               "unlock": cmd_unlock}[args.command]
+               "serve": cmd_serve, "unlock": cmd_unlock}[args.command]
     try:
         return handler(args)
     except DaskFpError as e:

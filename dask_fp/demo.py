@@ -185,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
             _say(hits.table[["rank", "uid", "distance", "path", "wy", "wx", "lon", "lat"]].to_string(index=False))
             written += [res["mosaics"][0], res["geojson"], res["csv"]]
     _say("\nwrote:\n  " + "\n  ".join(written))
+    _say(f"\nsearch it on a map (click a place; label hits; refine; export):\n  dask-fp serve {store_path}"
+         "\n  (then open the http://127.0.0.1:8000/ link it prints)")
     return 0
 
 

@@ -1,0 +1,33 @@
+"""dask-fp: rapid visual search over aerial orthomosaics with CNN fingerprints and Dask.
+
+Importing the package has no side effects: no cluster starts, no model loads.
+"""
+
+from __future__ import annotations
+
+from ._version import __version__
+from .classify import classify  # noqa: E402
+from .errors import (  # noqa: E402
+    ClusterError,
+    DaskFpError,
+    QueryError,
+    RasterError,
+    StoreError,
+    StoreLockedError,
+    StoreMismatchError,
+    WeightsError,
+)
+from .ingest import IngestReport, ingest  # noqa: E402
+from .models import ModelOptions, embed  # noqa: E402
+from .raster import RasterOptions  # noqa: E402
+from .search import Hits, Query, search  # noqa: E402
+from .session import SearchSession, read_labels  # noqa: E402
+from .store import Store, open_store  # noqa: E402
+from .tiling import Tiling, make_uid, split_uid  # noqa: E402
+
+__all__ = [
+    "ClusterError", "DaskFpError", "Hits", "IngestReport", "Query", "ModelOptions", "QueryError", "RasterError",
+    "RasterOptions", "SearchSession", "Store", "StoreError", "StoreLockedError", "StoreMismatchError", "Tiling",
+    "WeightsError", "__version__", "classify", "embed", "ingest", "make_uid", "open_store", "read_labels", "search",
+    "split_uid",
+]

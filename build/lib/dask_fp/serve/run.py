@@ -1,0 +1,57 @@
+"""Run the map page: open the store, optionally persist it on the cluster, start uvicorn, print the URL."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from ..store import Store, open_store
+from .app import ServeOptions, create_app
+
+
+def serve(
+    store: Store | str | os.PathLike[str],
+    *,
+    client: Any,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    persist: bool = True,
+    options: ServeOptions | None = None,
+    log: Callable[[str], None] | None = None,
+) -> None:
+    """Serve the map page for ``store`` until interrupted.
+
+    Parameters
+    ----------
+    store : Store or path
+        The fingerprint store (opened read-only).
+    client : distributed.Client
+        Where queries run; its dashboard link is shown on the page.
+    host, port : str, int
+        Where to listen; 127.0.0.1 by default (only this machine). Port 0 picks a free port.
+    persist : bool
+        Keep the fingerprints in cluster memory (off for stores larger than the cluster's memory).
+    """
+    import socket
+
+    import uvicorn
+
+    say = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    st = store if isinstance(store, Store) else open_store(store)
+    if persist:
+        say(f"serve: loading {st.committed} fingerprints into cluster memory (--no-persist to stream them)")
+        st.persist()
+    options = options or ServeOptions()
+    opts = replace(options, dashboard=options.dashboard or getattr(client, "dashboard_link", None))
+    app = create_app(st, opts)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)  # connections made as soon as the URL is printed wait for the server, not fail
+    shown = f"[{host}]" if ":" in host else host
+    say(f"serve: map page at http://{shown}:{sock.getsockname()[1]}/  (Ctrl-C stops it)")
+    config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=5, limit_concurrency=256)
+    uvicorn.Server(config).run(sockets=[sock])

@@ -1,0 +1,46 @@
+"""The fingerprint store: Zarr v3 schema, crash-safe append/commit, open, info.
+
+Layout (one Zarr v3 group; opens with ``xarray.open_zarr``):
+
+=============  ===============  =======  =========================================
+name           dims             dtype    meaning
+=============  ===============  =======  =========================================
+fingerprint    (tile, feature)  f4/f2    the features
+uid            (tile)           int64    ``source << 42 | wy << 21 | wx``
+source         (tile)           int32    index into the ``sources`` attribute
+wy, wx         (tile)           int32    window indices in the source
+x, y           (tile)           float64  window centre in the source CRS (pixels if none)
+lon, lat       (tile)           float64  window centre in WGS84 (NaN without a CRS)
+norm2          (tile)           float32  squared L2 norm of the stored fingerprint
+=============  ===============  =======  =========================================
+
+Commit protocol: rows of a new source are written past ``committed`` (the
+arrays may be longer than that while a writer works); only when every row is
+on disk does one metadata update move ``committed`` and append the source to
+the ``sources`` table, after which the metadata is consolidated so plain
+``xarray.open_zarr`` readers see the new snapshot. Readers of
+:func:`open_store` only ever see rows below ``committed``. One writer at a
+time holds ``writer.lock``.
+
+Test hook (for the crash tests in ``tests/test_reliability.py`` only; inert
+unless set): see :mod:`.testhook`. ``DASK_FP_TEST_PAUSE=POINT[:N]`` makes the writer print
+``dask-fp-test-pause: POINT`` to stderr and sleep
+``DASK_FP_TEST_PAUSE_SECONDS`` (default 300; less if the file named by
+``DASK_FP_TEST_RELEASE`` is removed) the N-th time (default the first) it
+reaches ``POINT``, so a test can kill it exactly there. Points: ``rows``
+(inside a row write: fingerprints on disk, coordinates not yet) and
+``before-commit`` (all rows of a source on disk, not yet committed).
+"""
+
+from __future__ import annotations
+
+from .lock import LOCK_NAME, break_lock, describe_lock, lock_is_stale, read_lock, writer_lock
+from .reader import Store, check_chunks, format_summary, open_store, store_summary
+from .schema import COORD_DTYPES, COORDS, QUERY_TASK_CHUNKS, SETTING_KEYS, StoreSettings, rows_per_chunk
+from .writer import StoreWriter, open_writer
+
+__all__ = [
+    "COORDS", "COORD_DTYPES", "LOCK_NAME", "QUERY_TASK_CHUNKS", "SETTING_KEYS", "Store", "StoreSettings",
+    "StoreWriter", "break_lock", "check_chunks", "describe_lock", "format_summary", "lock_is_stale", "open_store",
+    "open_writer", "read_lock", "rows_per_chunk", "store_summary", "writer_lock",
+]
