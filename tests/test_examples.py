@@ -412,3 +412,15 @@ def test_blocks_of_sources_outside_the_filter_are_not_read(tmp_path):
         hits = search(st, [Query("v", qv)], k=7, dedup=False, **kw)
         d, r = brute_ranked(fp, qv, allowed)
         np.testing.assert_array_equal(hits.table["row"], r[:7])
+
+
+def test_store_column_is_chunked_like_the_fingerprints(store):
+    from dask_fp.errors import StoreError
+
+    st = store.open()
+    for name in ("lon", "lat", "source", "uid"):
+        col = st.column(name)
+        assert col.chunks[0] == st.fingerprints().chunks[0]
+        np.testing.assert_array_equal(col.compute(scheduler="sync"), store.cols[name])
+    with pytest.raises(StoreError, match="no per-tile column 'fingerprint'"):
+        st.column("fingerprint")
