@@ -204,9 +204,39 @@ class StoreWriter:
         n = self.next_source_index
         at = now()
         sources.write_entries(self.group, n, [{**e, "committed_at": at} for e in entries])
-        self.group.attrs.update({"committed_sources": n + len(entries), "committed": committed})
+        self._publish({"committed_sources": n + len(entries), "committed": committed})
+        self.group = open_group(self.path, "r+")
         self.attrs = dict(self.group.attrs)
-        self._consolidate()
+
+    def _publish(self, update: dict[str, Any]) -> None:
+        """The commit point: ONE atomic replace of the root ``zarr.json`` with the new attributes and
+        a consolidated view in which the row arrays are ``committed`` long.
+
+        Write tasks may have grown the arrays past ``committed`` (rows of later
+        sources being written); readers of the consolidated metadata (xarray)
+        then still see exactly the committed rows, and the attributes and the
+        shapes they see come from the same file.
+        """
+        import uuid
+        import warnings
+
+        root = self.path / "zarr.json"
+        doc = json.loads(root.read_text())
+        doc["attributes"] = {**doc.get("attributes", {}), **update}
+        committed = int(doc["attributes"]["committed"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the lock file is not a Zarr node
+            names = sorted(self.group.array_keys())
+        meta = {}
+        for name in names:
+            m = json.loads((self.path / name / "zarr.json").read_text())
+            if name in self.arrays and m["shape"][0] > committed:
+                m["shape"] = [committed, *m["shape"][1:]]
+            meta[name] = m
+        doc["consolidated_metadata"] = {"kind": "inline", "must_understand": False, "metadata": meta}
+        tmp = root.with_name(f"zarr.json.{uuid.uuid4().hex}.partial")
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, root)
 
     def _consolidate(self) -> None:
         import warnings
