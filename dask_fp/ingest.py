@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from dask.sizeof import sizeof
+
 from .errors import DaskFpError, RasterError, StoreMismatchError
 from .fingerprint import block_tasks
 from .models import ModelOptions, ResolvedWeights, get_spec, resolve_weights
@@ -111,7 +113,7 @@ def ingest(
         if s.crs_wkt is None:
             say(f"note: {s.path} has no CRS; tiles get pixel coordinates and NaN lon/lat.")
     client = client or default_client()
-    specs = hash_on_workers(client, specs)
+    specs, hash_bytes = hash_on_workers(client, specs)
     if model.threads == 0 and not model.device.startswith("cuda"):
         from .cluster import torch_threads_per_task
 
@@ -147,7 +149,7 @@ def ingest(
             if close is not None:
                 close()
         writer.finish()
-        report.client_bytes = pipe.received
+        report.client_bytes = pipe.received + hash_bytes
     for spec, slot in zip(specs, slots, strict=True):
         if slot is None:
             report.sources.append(SourceReport(spec.path, -1, 0, 0, 0, 0.0, skipped=True))
@@ -160,8 +162,11 @@ def ingest(
     return report
 
 
-def hash_on_workers(client: Any, specs: list[RasterSpec]) -> list[RasterSpec]:
-    """Every file's sha256, computed on the workers, all files at once (the client reads no pixels)."""
+def hash_on_workers(client: Any, specs: list[RasterSpec]) -> tuple[list[RasterSpec], int]:
+    """Every file's sha256, computed on the workers, all files at once (the client reads no pixels).
+
+    Returns the specs with their hashes and the bytes the client received.
+    """
     keys = [f"sha256-{uuid.uuid4().hex}" for _ in specs]
     futs = client.map(file_sha256, [s.path for s in specs], pure=False, key=keys)
     try:
@@ -169,7 +174,7 @@ def hash_on_workers(client: Any, specs: list[RasterSpec]) -> list[RasterSpec]:
     except Exception as e:
         raise RasterError(f"hashing the input files on the workers failed ({type(e).__name__}: {e});"
                           " can every worker read the input paths?") from None
-    return [replace(s, sha256=d) for s, d in zip(specs, digests, strict=True)]
+    return [replace(s, sha256=d) for s, d in zip(specs, digests, strict=True)], sizeof(digests)
 
 
 def _job(spec: RasterSpec, index: int, tiling: Tiling, model: ModelOptions, weights: ResolvedWeights,

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from dask.sizeof import sizeof
+
 from .errors import DaskFpError, RasterError, StoreError
 from .fingerprint import BlockPlan, BlockResult
 from .raster import RasterSpec
@@ -101,7 +103,7 @@ class Pipeline:
         self.total = sum(j.windows for j in jobs)
         self.t0 = time.perf_counter()
         self.wrote_once = False
-        self.received = 0  # bytes of results the client received (counts, row numbers)
+        self.received = 0  # dask.sizeof of every result the client received (counts, row numbers)
 
     # ------------------------------------------------------------------ driving
     def run(self) -> None:
@@ -140,7 +142,8 @@ class Pipeline:
 
     def _on_count(self, fut: Any, b: int) -> None:
         try:
-            n_windows, kept = fut.result()
+            got = fut.result()
+            n_windows, kept = got
         except DaskFpError:
             raise
         except Exception as e:
@@ -148,7 +151,7 @@ class Pipeline:
             where = (f"{self.jobs[j].spec.path}: block {plan.index} (windows {plan.wy0}..{plan.wy1 - 1} x"
                      f" {plan.wx0}..{plan.wx1 - 1})")
             raise describe_failure(e, where) from None
-        self.received += 2 * 8
+        self.received += sizeof(got)
         self.counts[b] = (n_windows, kept)
         self.done += n_windows
         self.kept += kept
@@ -223,12 +226,12 @@ class Pipeline:
 
     def _on_write(self, fut: Any) -> None:
         try:
-            fut.result()
+            got = fut.result()
         except DaskFpError:
             raise
         except Exception as e:
             raise describe_failure(e, f"{self.w.path}: writing rows from {self.writes[fut.key][0]}") from None
-        self.received += 8
+        self.received += sizeof(got)
         self.writes.pop(fut.key, None)
         if not self.wrote_once:
             self.wrote_once = True
