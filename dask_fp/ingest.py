@@ -185,7 +185,14 @@ def _job(spec: RasterSpec, index: int, tiling: Tiling, model: ModelOptions, weig
             f" {tiling.tile} px tile; it adds no tiles.")
     tasks = block_tasks(open_raster(spec, tiling, chunk=raster.chunk), spec, tiling, model, weights)
     geo = SourceGeo(index, spec.transform, spec.crs_wkt, tiling.tile, tiling.stride)
-    return SourceJob(spec, index, _source_entry(spec, index, tiling), n_wy * n_wx, tasks, geo)
+    entry = {**_source_entry(spec, index, tiling), "compute_precision": compute_precision(model)}
+    return SourceJob(spec, index, entry, n_wy * n_wx, tasks, geo)
+
+
+def compute_precision(model: ModelOptions) -> str:
+    """The numeric precision the model runs in (see ``models.LoadedModel.embed``): bf16 autocast on
+    CUDA, float32 on CPU. Recorded in each source's record as ``compute_precision``."""
+    return "bfloat16-autocast" if model.device.startswith("cuda") else "float32"
 
 
 def _progress_sink(progress: bool | Callable[[int, int, float], None], name: str) -> tuple[Any, Any]:

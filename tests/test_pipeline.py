@@ -63,6 +63,7 @@ def test_many_sources_in_flight_equal_one_by_one(many, tmp_path, client, small_c
     assert a.arrays["fingerprint"].chunks[0] == 16 and a.committed > 3 * 16  # rows span several chunks
     assert rep.tiles == a.committed == b.committed
     assert [(s["path"], s["rows"]) for s in a.sources] == [(s["path"], s["rows"]) for s in b.sources]
+    assert {s["compute_precision"] for s in a.sources} == {"float32"}  # CPU workers
     for k in ("fingerprint", *COORDS):
         np.testing.assert_array_equal(np.asarray(a.arrays[k][: a.committed]), np.asarray(b.arrays[k][: b.committed]))
     # Rows are dense, in source order, and each source's rows hold its uids (independent check).
