@@ -265,7 +265,7 @@ class Pipeline:
         """After a failure: cancel the blocks, let running writes finish, undo the uncommitted rows."""
         from distributed import wait
 
-        for f in self.futs.values():
+        for f in [*self.futs.values(), *(f for _, f in self.pending)]:
             f.cancel()
         running = [f for _, f in self.writes.values()]
         if running:
