@@ -103,6 +103,7 @@ class Pipeline:
         self.total = sum(j.windows for j in jobs)
         self.t0 = time.perf_counter()
         self.wrote_once = False
+        self.deferred = False  # a partial write waits for the running write of its unit
         self.received = 0  # dask.sizeof of every result the client received (counts, row numbers)
 
     # ------------------------------------------------------------------ driving
@@ -194,6 +195,13 @@ class Pipeline:
             if self.pos >= unit_end:
                 self._submit_write(self.pending_start, unit_end)
             elif partial and self.pos > self.pending_start:
+                busy = self.chain.get(self.pending_start // self.unit)
+                if busy is not None and busy.key in self.writes:
+                    # A write to this unit is still running: send these rows with the next
+                    # one (when it finishes), so many small sources share writes and commits.
+                    self.deferred = True
+                    break
+                self.deferred = False
                 self._submit_write(self.pending_start, self.pos)
             else:
                 break
@@ -233,6 +241,8 @@ class Pipeline:
             raise describe_failure(e, f"{self.w.path}: writing rows from {self.writes[fut.key][0]}") from None
         self.received += sizeof(got)
         self.writes.pop(fut.key, None)
+        if self.deferred:
+            self._flush(partial=True)
         if not self.wrote_once:
             self.wrote_once = True
             test_pause("rows")
