@@ -207,7 +207,7 @@ def _jsonable(scale: Any) -> Any:
     return None if scale is None else [list(s) for s in scale]
 
 
-def _source_entry(spec: RasterSpec, index: int, tiling: Tiling) -> dict[str, Any]:
+def _source_entry(spec: RasterSpec, index: int, tiling: Tiling = Tiling()) -> dict[str, Any]:
     crs_name = None
     if spec.crs_wkt:
         from pyproj import CRS

@@ -157,6 +157,37 @@ class StoreWriter:
                 return s
         return None
 
+    def append(self, entry: dict[str, Any], batches: Iterator[dict[str, np.ndarray]], upper_bound: int) -> int:
+        """Write one source's rows from this process and commit them (no cluster needed).
+
+        ``batches`` yield dicts with ``fingerprint`` and the coordinate arrays
+        (without ``norm2``, computed here from the stored values), in row
+        order; at most ``upper_bound`` rows. ``ingest`` does not use this (its
+        rows are written by worker tasks, :mod:`.region`); it serves tools and
+        tests that build stores from arrays. Returns the rows committed.
+        """
+        start = self.committed
+        parts = [b for b in batches if len(b["uid"])]
+        n = sum(len(b["uid"]) for b in parts)
+        if n > upper_bound:
+            raise StoreError(f"{entry.get('path')}: {n} rows for at most {upper_bound} windows.")
+        try:
+            if n:
+                rows = {k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
+                fp = rows["fingerprint"].astype(self.settings.dtype)
+                f32 = fp.astype(np.float32)
+                rows.update(fingerprint=fp, norm2=np.einsum("ij,ij->i", f32, f32))
+                self.grow_to(start + n)
+                for name, arr in self.arrays.items():
+                    arr.with_config({"write_empty_chunks": True})[start : start + n] = rows[name]
+        except BaseException:
+            self.rollback()
+            raise
+        self._commit([{**entry, "rows": [start, start + n], "tiles": n, "windows": upper_bound,
+                       "dropped": upper_bound - n}], start + n)
+        self.rollback()  # trim growth to committed (a no-op here)
+        return n
+
     @property
     def holder(self) -> dict[str, Any]:
         """This writer's lock record; write tasks check it before writing (see :mod:`.region`)."""
