@@ -15,7 +15,13 @@ Markdown tables (medians of ``--repeats``):
 4. peak memory of the (single) worker while ingesting mostly-empty GeoTIFFs
    of two sizes (the same number of model tiles, 4x the pixels): memory must
    not grow with the image;
-5. the fingerprint array's codec: bytes per tile and write time.
+5. the fingerprint array's codec: bytes per tile and write time;
+6. scale-out: ``--small-sources`` (16) small orthomosaics of 3 x 3 windows
+   against one raster holding the same number of windows (goal: >= 0.9x the
+   windows/s), fresh files per repeat; then the bytes the client process
+   received (``IngestReport.client_bytes``: ``dask.sizeof`` of every result it
+   gathered) against the fingerprint bytes written, and the client's RSS, as a
+   store grows 10x.
 
 The model is ResNet-18 with ``weights="random"`` (seeded): the values do not
 matter for speed and ImageNet weights cannot be downloaded here. The test
@@ -305,6 +311,68 @@ def section_codecs(work: Path) -> None:
     print(table(["codec", "bytes/tile", "write tiles/s", "read tiles/s"], rows))
 
 
+def section_scale_out(pix: np.ndarray, work: Path, repeats: int, threads: int, n_small: int) -> None:
+    """Many small sources vs one raster with the same windows; client bytes and RSS as the store grows."""
+    import psutil
+
+    import dask_fp
+    from dask_fp.raster import RasterOptions
+
+    print(f"\n## 6. Scale-out: {n_small} small sources vs one raster of the same windows ({threads} threads)\n")
+    model = ModelOptions("resnet18", weights="random", threads=1, batch_size=32)
+    side = int(np.sqrt(n_small))
+    small_px = 512  # 3 x 3 windows of 256 px at stride 128
+    big_px = (side * 3 - 1) * TILING.stride + TILING.tile  # (3 side) x (3 side) windows
+    lc, client = cluster(threads, 1)
+    rows, rates = [], {"small": [], "one": []}
+    try:
+        for r in range(repeats + 1):  # the first round warms up (model load), not counted
+            d = work / f"scale-{r}"
+            shutil.rmtree(d, ignore_errors=True)
+            d.mkdir(parents=True)
+            crop = pix[:, 8 * r:, 8 * r:]  # fresh inputs per repeat: new files, new content
+            smalls = [write_mosaic(crop[:, 100 * (i // side):, 100 * (i % side):], small_px, d / f"s{i}.tif")
+                      for i in range(side * side)]
+            one = write_mosaic(crop, big_px, d / "one.tif")
+            for name, paths in (("small", smalls), ("one", [one])):
+                t0 = time.perf_counter()
+                rep = dask_fp.ingest([str(p) for p in paths], str(d / f"{name}.zarr"), model=model, tiling=TILING,
+                                     raster=RasterOptions(chunk=2048), client=client, progress=False,
+                                     log=lambda m: None)
+                dt = time.perf_counter() - t0
+                windows = sum(s.windows for s in rep.sources)
+                if r:
+                    rates[name].append(windows / dt)
+        for name, label in (("small", f"{side * side} sources of {small_px} px"), ("one", f"1 raster of {big_px} px")):
+            rows.append([label, f"{statistics.median(rates[name]):.2f}"])
+        print(table(["input", "windows/s (median)"], rows))
+        ratio = statistics.median(rates["small"]) / statistics.median(rates["one"])
+        print(f"\nmany small / one raster = {ratio:.2f} (goal >= 0.90)")
+
+        print("\n### Client bytes and memory as the store grows 10x\n")
+        d = work / "grow"
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+        proc = psutil.Process()
+        store = d / "grow.zarr"
+        out = []
+        k = 0
+        for step in (1, 9):  # 1 source, then 9 more: the store grows 10x
+            paths = [write_mosaic(pix[:, 10 * (k + i):, :], 1024, d / f"g{k + i}.tif") for i in range(step)]
+            k += step
+            rep = dask_fp.ingest([str(p) for p in paths], str(store), model=model, tiling=TILING,
+                                 raster=RasterOptions(chunk=2048), client=client, progress=False, log=lambda m: None)
+            st = dask_fp.open_store(store)
+            fp_bytes = rep.tiles * st.dim * 4
+            out.append([st.committed, rep.tiles, rep.client_bytes, f"{100 * rep.client_bytes / fp_bytes:.3f} %",
+                        f"{proc.memory_info().rss / 2**20:.0f}"])
+        print(table(["store rows after", "rows this run", "client bytes received", "of fingerprint bytes",
+                     "client RSS MiB"], out))
+    finally:
+        client.close()
+        lc.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes, one repeat (smoke run)")
@@ -313,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=4096, help="side of the throughput image (px)")
     p.add_argument("--big", default="10240,20480", help="sides of the memory-test images (px)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--sections", default="1,2,3,4,5")
+    p.add_argument("--sections", default="1,2,3,4,5,6")
+    p.add_argument("--small-sources", type=int, default=16, help="section 6: number of small sources (a square)")
     args = p.parse_args(argv)
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -337,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
         section_memory(pix, work, big, threads)
     if "5" in sections:
         section_codecs(work)
+    if "6" in sections:
+        section_scale_out(pix, work, repeats, threads, args.small_sources)
     return 0
 
 

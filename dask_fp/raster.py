@@ -108,8 +108,13 @@ def file_sha256(path: str | os.PathLike[str], *, block: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def inspect_raster(path: str | os.PathLike[str], options: RasterOptions = RasterOptions()) -> RasterSpec:
+def inspect_raster(
+    path: str | os.PathLike[str], options: RasterOptions = RasterOptions(), *, content_hash: bool = True
+) -> RasterSpec:
     """Check that ``path`` is a usable orthomosaic and describe it.
+
+    With ``content_hash=False`` the file is not hashed (``sha256`` is empty):
+    :func:`dask_fp.ingest.ingest` hashes on the workers instead.
 
     Raises
     ------
@@ -160,7 +165,7 @@ def inspect_raster(path: str | os.PathLike[str], options: RasterOptions = Raster
         raise RasterError(f"{p}: raster has no pixels ({height}x{width}).")
     return RasterSpec(
         path=str(p.resolve()),
-        sha256=file_sha256(p),
+        sha256=file_sha256(p) if content_hash else "",
         height=height,
         width=width,
         count=count,

@@ -4,9 +4,11 @@
 ``dask-fp-test-pause: POINT`` to stderr and sleep
 ``DASK_FP_TEST_PAUSE_SECONDS`` (default 300; less if the file named by
 ``DASK_FP_TEST_RELEASE`` is removed) the N-th time (default the first) it
-reaches ``POINT``, so a test can kill it exactly there. Points: ``rows``
-(inside a row write: fingerprints on disk, coordinates not yet) and
-``before-commit`` (all rows of a source on disk, not yet committed).
+reaches ``POINT``, so a test can kill it exactly there. Points: ``rows``,
+``before-commit`` (all rows of the sources about to be committed on disk, not yet committed)
+and ``committed`` (right after a commit). All points are on the client (the ingest
+process): ``rows`` is reached when the first worker write task of the run has finished
+(rows on disk past ``committed``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Appending to a store under the single-writer lock, with one commit point per source."""
+"""Appending to a store under the single-writer lock: growth, commits (one or several sources at
+once), rollback and repair. The rows themselves are written by worker tasks (:mod:`.region`)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ import numpy as np
 from .._version import __version__
 from ..errors import StoreError, StoreMismatchError
 from . import sources
-from .lock import LOCK_NAME, writer_lock
+from .lock import LOCK_NAME, read_lock, writer_lock
 from .reader import check_chunks
+from .region import write_granularity
 from .schema import COORD_DTYPES, COORDS, StoreSettings, now, open_arrays, open_group, rows_per_chunk
-from .testhook import test_pause
 
 
 class StoreWriter:
@@ -109,7 +110,7 @@ class StoreWriter:
                 arr.resize((committed, *arr.shape[1:]))
                 changed = True
         changed |= sources.truncate(self.group, sources.committed_count(self.attrs))
-        for tmp in self.path.rglob("*.partial"):  # Zarr's atomic-write temporaries
+        for tmp in self._temporaries(committed):
             tmp.unlink(missing_ok=True)
         try:
             consolidated = json.loads((self.path / "zarr.json").read_text()).get("consolidated_metadata")
@@ -117,6 +118,34 @@ class StoreWriter:
             consolidated = None
         if changed or not consolidated:
             self._consolidate()
+
+    def _temporaries(self, committed: int) -> Iterator[Path]:
+        """Zarr's atomic-write temporaries (``*.partial``) an interrupted writer can have left.
+
+        Only where a writer writes past ``committed``: the root and array folders
+        (metadata), and the chunk folders of the write units from the one that
+        holds row ``committed`` on; never a walk of the whole store, whose chunk
+        folders grow with it.
+        """
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            names = list(self.group.array_keys())
+        dirs = {self.path}
+        for name in names:
+            arr = self.group[name]
+            unit = write_granularity(arr)
+            dirs |= {self.path / name, self.path / name / "c"}
+            if arr.ndim > 1:
+                first = committed // unit if name in self.arrays else 0
+                dirs |= {self.path / name / "c" / str(k) for k in range(first, -(-arr.shape[0] // unit) + 1)}
+        for d in dirs:
+            try:
+                with os.scandir(d) as it:
+                    yield from (Path(e.path) for e in it if e.name.endswith(".partial"))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
 
     @property
     def committed(self) -> int:
@@ -129,57 +158,116 @@ class StoreWriter:
         return None
 
     def append(self, entry: dict[str, Any], batches: Iterator[dict[str, np.ndarray]], upper_bound: int) -> int:
-        """Write one source's rows past ``committed`` and commit them.
+        """Write one source's rows from this process and commit them (no cluster needed).
 
         ``batches`` yield dicts with ``fingerprint`` and the coordinate arrays
-        (without ``norm2``, which is computed here from the stored values), in
-        the order they must appear. At most ``upper_bound`` rows may come.
-        Rows are buffered into whole chunks before they are written; the
-        arrays grow only when rows are written, so a source that fails before
-        its first write leaves the store as it was. Returns the number of rows
-        committed.
+        (without ``norm2``, computed here from the stored values), in row
+        order; at most ``upper_bound`` rows. ``ingest`` does not use this (its
+        rows are written by worker tasks, :mod:`.region`); it serves tools and
+        tests that build stores from arrays. Returns the rows committed.
         """
         start = self.committed
-        buf = _RowBuffer(self, start)
+        parts = [b for b in batches if len(b["uid"])]
+        n = sum(len(b["uid"]) for b in parts)
+        if n > upper_bound:
+            raise StoreError(f"{entry.get('path')}: {n} rows for at most {upper_bound} windows.")
         try:
-            for batch in batches:
-                buf.add(batch)
-            n = buf.finish()
-            if n > upper_bound:
-                raise StoreError(f"{entry.get('path')}: {n} rows for at most {upper_bound} windows.")
-            for arr in self.arrays.values():
-                if arr.shape[0] != start + n:
-                    arr.resize((start + n, *arr.shape[1:]))
+            if n:
+                rows = {k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
+                fp = rows["fingerprint"].astype(self.settings.dtype)
+                f32 = fp.astype(np.float32)
+                rows.update(fingerprint=fp, norm2=np.einsum("ij,ij->i", f32, f32))
+                self.grow_to(start + n)
+                for name, arr in self.arrays.items():
+                    arr.with_config({"write_empty_chunks": True})[start : start + n] = rows[name]
         except BaseException:
-            self._rollback(start)
+            self.rollback()
             raise
-        test_pause("before-commit")
-        entry = {**entry, "rows": [start, start + n], "tiles": n, "windows": upper_bound,
-                 "dropped": upper_bound - n}
-        self._commit(entry, start + n)
+        self._commit([{**entry, "rows": [start, start + n], "tiles": n, "windows": upper_bound,
+                       "dropped": upper_bound - n}], start + n)
+        self.rollback()  # trim growth to committed (a no-op here)
         return n
 
-    def _rollback(self, start: int) -> None:
-        """Best effort after a failed source: shrink the arrays back to ``committed``.
+    @property
+    def holder(self) -> dict[str, Any]:
+        """This writer's lock record; write tasks check it before writing (see :mod:`.region`)."""
+        info = read_lock(self.path)
+        if info is None:
+            raise StoreError(f"{self.path}: the writer lock disappeared; another process removed it.")
+        return info
+
+    def grow_to(self, rows: int) -> None:
+        """Make every row array at least ``rows`` long (metadata only; the client calls this
+        before it submits a write task, so the region exists when the task runs)."""
+        for arr in self.arrays.values():
+            if arr.shape[0] < rows:
+                arr.resize((rows, *arr.shape[1:]))
+
+    def commit(self, entries: list[dict[str, Any]], committed: int) -> None:
+        """Make ``entries`` (consecutive sources whose rows end at ``committed``) visible at once."""
+        self._commit(entries, committed)
+
+    def finish(self) -> None:
+        """Trim the arrays to the committed rows (growth steps are whole write units)."""
+        self.rollback()
+
+    def rollback(self) -> None:
+        """Shrink the arrays back to ``committed`` (after a failure, or to drop growth slack).
 
         Not needed for safety (readers never look past ``committed``, and the
         next writer repairs), only to leave the store as it was.
         """
+        start = self.committed
+        changed = False
         for arr in self.arrays.values():
             try:
                 if arr.shape[0] != start:
                     arr.resize((start, *arr.shape[1:]))
+                    changed = True
             except Exception:  # noqa: S110 - best effort; the next writer repairs
                 pass
+        if changed:
+            self._consolidate()
 
-    def _commit(self, entry: dict[str, Any], committed: int) -> None:
-        """Make a source visible: its table entry past ``committed_sources``, then one metadata
+    def _commit(self, entries: list[dict[str, Any]], committed: int) -> None:
+        """Make sources visible: their table entries past ``committed_sources``, then one metadata
         update of the group (``committed`` and ``committed_sources``), then the consolidated view."""
         n = self.next_source_index
-        sources.write_entries(self.group, n, [{**entry, "committed_at": now()}])
-        self.group.attrs.update({"committed_sources": n + 1, "committed": committed})
+        at = now()
+        sources.write_entries(self.group, n, [{**e, "committed_at": at} for e in entries])
+        self._publish({"committed_sources": n + len(entries), "committed": committed})
+        self.group = open_group(self.path, "r+")
         self.attrs = dict(self.group.attrs)
-        self._consolidate()
+
+    def _publish(self, update: dict[str, Any]) -> None:
+        """The commit point: ONE atomic replace of the root ``zarr.json`` with the new attributes and
+        a consolidated view in which the row arrays are ``committed`` long.
+
+        Write tasks may have grown the arrays past ``committed`` (rows of later
+        sources being written); readers of the consolidated metadata (xarray)
+        then still see exactly the committed rows, and the attributes and the
+        shapes they see come from the same file.
+        """
+        import uuid
+        import warnings
+
+        root = self.path / "zarr.json"
+        doc = json.loads(root.read_text())
+        doc["attributes"] = {**doc.get("attributes", {}), **update}
+        committed = int(doc["attributes"]["committed"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the lock file is not a Zarr node
+            names = sorted(self.group.array_keys())
+        meta = {}
+        for name in names:
+            m = json.loads((self.path / name / "zarr.json").read_text())
+            if name in self.arrays and m["shape"][0] > committed:
+                m["shape"] = [committed, *m["shape"][1:]]
+            meta[name] = m
+        doc["consolidated_metadata"] = {"kind": "inline", "must_understand": False, "metadata": meta}
+        tmp = root.with_name(f"zarr.json.{uuid.uuid4().hex}.partial")
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, root)
 
     def _consolidate(self) -> None:
         import warnings
@@ -200,53 +288,6 @@ class StoreWriter:
     def sources(self) -> list[dict[str, Any]]:
         """The committed sources' records."""
         return sources.read_sources(self.group, self.attrs)
-
-
-class _RowBuffer:
-    """Collect rows and write them to the store one whole chunk at a time."""
-
-    def __init__(self, writer: StoreWriter, start: int) -> None:
-        self.w = writer
-        self.pos = start  # next row to write to disk
-        self.parts: list[dict[str, np.ndarray]] = []
-        self.buffered = 0
-        self.total = 0
-
-    def add(self, batch: dict[str, np.ndarray]) -> None:
-        n = len(batch["uid"])
-        if not n:
-            return
-        fp = batch["fingerprint"].astype(self.w.settings.dtype)
-        part = {**batch, "fingerprint": fp,
-                "norm2": np.einsum("ij,ij->i", fp.astype(np.float32), fp.astype(np.float32))}
-        self.parts.append(part)
-        self.buffered += n
-        self.total += n
-        end_chunk = (self.pos // self.w.rows + 1) * self.w.rows
-        if self.pos + self.buffered >= end_chunk:
-            self._flush(upto=(self.pos + self.buffered) // self.w.rows * self.w.rows)
-
-    def _flush(self, upto: int | None = None) -> None:
-        if not self.parts:
-            return
-        merged = {k: np.concatenate([p[k] for p in self.parts]) for k in self.parts[0]}
-        n = len(merged["uid"]) if upto is None else upto - self.pos
-        for i, (name, arr) in enumerate(self.w.arrays.items()):
-            if arr.shape[0] < self.pos + n:
-                arr.resize((self.pos + n, *arr.shape[1:]))
-            # Store every chunk, even one equal to the fill value, so that a missing
-            # chunk file always means damage (see _check_chunks).
-            arr.with_config({"write_empty_chunks": True})[self.pos : self.pos + n] = merged[name][:n]
-            if i == 0:
-                test_pause("rows")
-        self.pos += n
-        rest = {k: v[n:] for k, v in merged.items()}
-        self.buffered = len(rest["uid"])
-        self.parts = [rest] if self.buffered else []
-
-    def finish(self) -> int:
-        self._flush()
-        return self.total
 
 
 @contextmanager
