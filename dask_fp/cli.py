@@ -16,7 +16,7 @@ from typing import Any
 from ._version import __version__
 from .cluster import KINDS
 from .errors import DaskFpError
-from .models import REGISTRY
+from .models import PRECISIONS, REGISTRY
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--scale", type=_scale, metavar="percentile|MIN,MAX", help="scaling of non-uint8 data")
     ing.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ing.add_argument("--batch-size", type=int, default=0, help="windows per forward pass (0: 32 CPU, 256 GPU)")
+    ing.add_argument("--precision", default="auto", choices=PRECISIONS,
+                     help="forward pass: auto (bfloat16 autocast on CUDA, float32 on CPU), float32 or bfloat16")
     ing.add_argument("--input-size", type=_positive, metavar="PX",
                      help="resize windows to PX square before the model (default: as cut)")
     ing.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait for another writer")
@@ -225,7 +227,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     with _cluster(args) as client:
         model = ModelOptions(name=args.model, weights=args.weights, seed=args.seed, device=args.device,
                              batch_size=args.batch_size, resources=gpu_resources(client),
-                             input_size=args.input_size)
+                             input_size=args.input_size, precision=args.precision)
         report = ingest(args.rasters, args.store, model=model, tiling=tiling, raster=raster, dtype=args.dtype,
                         client=client, wait=args.wait, progress=not args.quiet)
     info = open_store(args.store).info()

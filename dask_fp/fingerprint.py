@@ -33,6 +33,7 @@ class BlockResult:
     wx: np.ndarray  # int32 (n,)
     features: np.ndarray  # float32 (n, dim)
     n_windows: int  # windows the block owns, kept or dropped
+    precision: str | None = None  # the forward pass's precision (None: the model did not run)
 
 
 @dataclass(frozen=True)
@@ -84,8 +85,11 @@ def block_kernel(
     frac = window_empty_fraction(empty, tile=tiling.tile, stride=tiling.stride, n_wy=n_wy, n_wx=n_wx)
     keep = frac <= tiling.max_empty
     iy, ix = np.nonzero(keep)
+    precision = None
     if iy.size:  # an all-empty block never loads or runs the model
-        feats = load_model(model, weights).embed(cut_windows(rgb, keep, tile=tiling.tile, stride=tiling.stride))
+        loaded = load_model(model, weights)
+        feats = loaded.embed(cut_windows(rgb, keep, tile=tiling.tile, stride=tiling.stride))
+        precision = loaded.precision
     else:
         feats = np.empty((0, get_spec(model.name).dim), dtype=np.float32)
     return BlockResult(
@@ -93,6 +97,7 @@ def block_kernel(
         wx=(ix + plan.wx0).astype(np.int32),
         features=feats,
         n_windows=plan.n_windows,
+        precision=precision,
     )
 
 

@@ -20,7 +20,7 @@ from dask.sizeof import sizeof
 
 from .errors import DaskFpError, RasterError, StoreMismatchError
 from .fingerprint import block_tasks
-from .models import ModelOptions, ResolvedWeights, get_spec, resolve_weights
+from .models import ModelOptions, ResolvedWeights, get_spec, precision_label, resolve_weights
 from .pipeline import Pipeline, SourceJob, in_flight, progress_printer
 from .raster import RasterOptions, RasterSpec, file_sha256, inspect_raster, open_raster
 from .store import StoreSettings, open_writer
@@ -190,9 +190,10 @@ def _job(spec: RasterSpec, index: int, tiling: Tiling, model: ModelOptions, weig
 
 
 def compute_precision(model: ModelOptions) -> str:
-    """The numeric precision the model runs in (see ``models.LoadedModel.embed``): bf16 autocast on
-    CUDA, float32 on CPU. Recorded in each source's record as ``compute_precision``."""
-    return "bfloat16-autocast" if model.device.startswith("cuda") else "float32"
+    """The precision the model is expected to run in, from the options alone (see
+    :func:`dask_fp.models.precision_label`). The record a source commits with takes what the
+    workers' models report instead; this stands only for a source whose model never ran."""
+    return precision_label(model.precision, cuda=model.device.startswith("cuda"))
 
 
 def _progress_sink(progress: bool | Callable[[int, int, float], None], name: str) -> tuple[Any, Any]:

@@ -80,6 +80,11 @@ class ModelOptions:
         the model sees them; None feeds the window at its own size. Useful for
         small tiles of coarse imagery (e.g. 32 px Sentinel-2 tiles shown to the
         network at 224 px).
+    precision : {"auto", "float32", "bfloat16"}
+        Numeric precision of the forward pass: ``"auto"`` runs bfloat16 autocast
+        on CUDA and float32 on the CPU; ``"bfloat16"`` uses autocast on either
+        device (how image queries reproduce fingerprints a GPU computed). The
+        precision used is recorded with each source (``compute_precision``).
     """
 
     name: str = "resnet18"
@@ -90,6 +95,20 @@ class ModelOptions:
     threads: int = 0
     resources: tuple[tuple[str, float], ...] | None = None
     input_size: int | None = None
+    precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise WeightsError(f"unknown precision {self.precision!r}; use one of {', '.join(PRECISIONS)}.")
+
+
+#: Forward-pass precisions a model can be asked for.
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def precision_label(precision: str, *, cuda: bool) -> str:
+    """What a store records for ``precision`` on a CUDA or CPU device: ``"float32"`` or ``"bfloat16-autocast"``."""
+    return "bfloat16-autocast" if precision == "bfloat16" or (precision == "auto" and cuda) else "float32"
 
 
 def _resnet18() -> Any:
@@ -337,6 +356,7 @@ class LoadedModel:
                 )
         net.eval()
         self.cuda = self.device.startswith("cuda")
+        self.precision = precision_label(options.precision, cuda=self.cuda)
         if self.cuda:
             net = net.to(self.device, memory_format=torch.channels_last)
         self.net = net
@@ -373,8 +393,8 @@ class LoadedModel:
                         x, size=(size, size), mode="bilinear", align_corners=False,
                         antialias=size < x.shape[-1],
                     )
-                if self.cuda:
-                    with torch.autocast("cuda", dtype=torch.bfloat16):
+                if self.precision == "bfloat16-autocast":
+                    with torch.autocast("cuda" if self.cuda else "cpu", dtype=torch.bfloat16):
                         y = self.net(x)
                 else:
                     y = self.net(x)

@@ -45,12 +45,13 @@ class SourceJob:
     stop: int | None = None
     committed: bool = False
     seconds: float = 0.0
+    precisions: set[str] = field(default_factory=set)  # as the workers' models report them
     t0: float = field(default_factory=time.perf_counter)
 
 
-def block_summary(res: BlockResult) -> tuple[int, int]:
-    """What the client learns of a block: windows owned, windows kept."""
-    return int(res.n_windows), len(res.wy)
+def block_summary(res: BlockResult) -> tuple[int, int, str | None]:
+    """What the client learns of a block: windows owned, windows kept, the model's precision."""
+    return int(res.n_windows), len(res.wy), res.precision
 
 
 def in_flight(client: Any, blocks_per_row: int) -> int:
@@ -145,7 +146,7 @@ class Pipeline:
     def _on_count(self, fut: Any, b: int) -> None:
         try:
             got = fut.result()
-            n_windows, kept = got
+            n_windows, kept, precision = got
         except DaskFpError:
             raise
         except Exception as e:
@@ -155,6 +156,8 @@ class Pipeline:
             raise describe_failure(e, where) from None
         self.received += sizeof(got)
         self.counts[b] = (n_windows, kept)
+        if precision is not None:
+            self.jobs[self.blocks[b][0]].precisions.add(precision)
         self.done += n_windows
         self.kept += kept
         if self.progress is not None:
@@ -264,7 +267,8 @@ class Pipeline:
         for job in batch:
             n = job.stop - job.start  # type: ignore[operator]
             entries.append({**job.entry, "rows": [job.start, job.stop], "tiles": n, "windows": job.windows,
-                            "dropped": job.windows - n})
+                            "dropped": job.windows - n, "compute_precision": "+".join(sorted(job.precisions))
+                            or job.entry["compute_precision"]})
         self.w.commit(entries, batch[-1].stop)
         now = time.perf_counter()
         for job in batch:

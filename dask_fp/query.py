@@ -81,16 +81,35 @@ def store_model_options(store: Store, weights: str | None = None) -> ModelOption
     if weights is None and a.get("weights") == "random":
         weights = "random"
     return ModelOptions(name=a["model"], weights=weights, seed=int(a.get("weights_seed") or 0),
-                        input_size=a.get("input_size"))
+                        input_size=a.get("input_size"), precision=store_precision(store))
+
+
+def store_precision(store: Store) -> str:
+    """The forward-pass precision that reproduces most of the store's tiles.
+
+    ``"bfloat16"`` when most tiles were computed with bfloat16 autocast (GPU
+    workers; the sources' ``compute_precision``), else ``"float32"``. Query
+    pictures are embedded the same way, on whatever device the client has.
+    """
+    tiles: dict[str, int] = {}
+    for s in store.sources:
+        p = str(s.get("compute_precision", "float32"))
+        tiles[p] = tiles.get(p, 0) + int(s.get("tiles", 0))
+    bf16 = tiles.get("bfloat16-autocast", 0)
+    return "bfloat16" if bf16 > sum(tiles.values()) - bf16 else "float32"
 
 
 def model_for_store(store: Store, model: ModelOptions | None = None) -> ModelOptions:
-    """Model options that reproduce the store's fingerprints; refuse any other model."""
+    """Model options that reproduce the store's fingerprints (model, input size, precision);
+    refuse any other model or weights."""
     a = store.attrs
     if model is None:
         model = store_model_options(store)
-    elif model.input_size != a.get("input_size"):
-        model = replace(model, input_size=a.get("input_size"))
+    else:
+        if model.input_size != a.get("input_size"):
+            model = replace(model, input_size=a.get("input_size"))
+        if model.precision == "auto":
+            model = replace(model, precision=store_precision(store))
     if model.name != a["model"]:
         raise QueryError(f"{store.path} holds {a['model']} fingerprints; cannot query it with {model.name}.")
     w = resolve_weights(model)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -132,3 +133,49 @@ def test_embed_rejects_wrong_shape():
     opts = ModelOptions("resnet18", weights="random")
     with pytest.raises(ValueError, match=r"\(n, 3, H, W\)"):
         embed(np.zeros((2, 64, 64, 3), np.uint8), opts)
+
+
+def test_bfloat16_precision_is_autocast_on_the_cpu_too():
+    """precision="bfloat16" runs the forward pass in bf16 autocast (what GPU workers do by default):
+    close to float32, not equal, and labelled as such."""
+    from dask_fp.models import load_model, precision_label
+
+    pix = np.random.default_rng(3).integers(0, 255, (4, 3, 64, 64), dtype=np.uint8)
+    opts = ModelOptions("resnet18", weights="random", seed=1, device="cpu", threads=1)
+    bf = replace(opts, precision="bfloat16")
+    f32 = embed(pix, opts, resolve_weights(opts))
+    b16 = embed(pix, bf, resolve_weights(bf))
+    rel = np.abs(b16 - f32).max() / np.abs(f32).max()
+    assert 0 < rel < 0.05
+    assert load_model(bf, resolve_weights(bf)).precision == "bfloat16-autocast"
+    assert load_model(opts, resolve_weights(opts)).precision == "float32"
+    assert precision_label("auto", cuda=True) == "bfloat16-autocast"
+    with pytest.raises(WeightsError, match="unknown precision"):
+        ModelOptions("resnet18", precision="fp8")
+
+
+def test_image_queries_use_the_precision_the_store_was_computed_in(tmp_path, client):
+    """A store computed in bf16 autocast records it; a picture of a stored tile, embedded the same way,
+    finds that tile at distance ~0 (a float32 embedding would not)."""
+    from conftest import textured, write_tif
+    from PIL import Image
+
+    import dask_fp
+    from dask_fp.query import model_for_store
+
+    data = textured(128, 128, seed=9)
+    tif = write_tif(tmp_path / "a.tif", data)
+    bf = ModelOptions("resnet18", weights="random", seed=2, threads=1, precision="bfloat16")
+    dask_fp.ingest([str(tif)], str(tmp_path / "s.zarr"), model=bf, tiling=dask_fp.Tiling(64, 64),
+                   client=client, progress=False)
+    st = dask_fp.open_store(tmp_path / "s.zarr")
+    assert {s["compute_precision"] for s in st.sources} == {"bfloat16-autocast"}
+    assert model_for_store(st).precision == "bfloat16"
+    Image.fromarray(np.ascontiguousarray(data[:, 64:, :64].transpose(1, 2, 0))).save(tmp_path / "q.png")
+    hits = dask_fp.search(st, images=[str(tmp_path / "q.png")], k=1, dedup=False)
+    assert (hits.table["wy"][0], hits.table["wx"][0]) == (1, 0)
+    tol = 1e-6 * float(np.asarray(st.arrays["norm2"][:]).max())
+    assert hits.table["distance"][0] < tol  # the same computation: the same fingerprint
+    f32 = replace(model_for_store(st), precision="float32")
+    far = dask_fp.search(st, images=[str(tmp_path / "q.png")], k=1, dedup=False, model=f32)
+    assert far.table["distance"][0] > tol  # float32 does not reproduce a bf16 fingerprint
