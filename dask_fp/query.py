@@ -9,13 +9,14 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
 from .errors import QueryError
 from .models import ModelOptions, resolve_weights
 from .store import Store
-from .tiling import Tiling, grid_shape, split_uid, windows_covering
+from .tiling import Tiling, grid_shape, make_uid, pixel_to_xy, split_uid, windows_at_pixel
 
 # --------------------------------------------------------------------------- queries
 
@@ -135,65 +136,93 @@ def image_queries(store: Store, paths: Sequence[str], model: ModelOptions | None
 
 
 def uid_queries(store: Store, uids: Sequence[int]) -> list[Query]:
-    """Queries from tiles already in the store (their stored fingerprints)."""
+    """Queries from tiles already in the store (their stored fingerprints).
+
+    Reads only the uid rows of each query's source (``source = uid >> 42``,
+    its row range from the sources table), never the whole uid column.
+    """
     if not uids:
         return []
-    all_uids = np.asarray(store.arrays["uid"][: store.committed])
-    out = []
     for u in uids:
         if not 0 <= int(u) < 2**63:
             raise QueryError(f"uid {u} is not a tile uid (uids are whole numbers from 0 to 2**63 - 1).")
-        hit = np.flatnonzero(all_uids == int(u))
-        if hit.size == 0:
+    rows = uid_rows(store, [int(u) for u in uids])
+    out = []
+    for u, row in zip(uids, rows, strict=True):
+        if row < 0:
             s, y, x = (int(v) for v in split_uid(int(u)))
             raise QueryError(
                 f"uid {u} (source {s}, window {y},{x}) is not in {store.path}; list uids with"
                 " xarray.open_zarr(store).uid or query by --lonlat."
             )
-        out.append(_row_query(store, int(hit[0]), f"uid {u}"))
+        out.append(_row_query(store, int(row), f"uid {u}"))
+    return out
+
+
+def uid_rows(store: Store, uids: Sequence[int], cache: dict[int, np.ndarray] | None = None) -> np.ndarray:
+    """Row of each uid in ``store`` (-1 where it is not stored).
+
+    Each distinct source's ``[start, stop)`` rows of the uid column are read
+    once (kept in ``cache`` if given): the cost grows with the sources asked
+    about, not with the store.
+    """
+    u = np.asarray(uids, dtype=np.int64)
+    out = np.full(u.shape, -1, dtype=np.int64)
+    if u.size == 0:
+        return out
+    ranges = store.source_rows()
+    cache = {} if cache is None else cache
+    src = split_uid(u)[0]
+    for s in np.unique(src):
+        if not 0 <= s < len(ranges):
+            continue
+        lo, hi = (int(v) for v in ranges[s])
+        if int(s) not in cache:
+            cache[int(s)] = store.read("uid", slice(lo, hi))
+        col = cache[int(s)]
+        if len(col) == 0:
+            continue
+        order = np.argsort(col, kind="stable")
+        sel = np.flatnonzero(src == s)
+        pos = np.minimum(np.searchsorted(col, u[sel], sorter=order), len(col) - 1)
+        found = col[order[pos]] == u[sel]
+        out[sel[found]] = lo + order[pos[found]]
     return out
 
 
 def _row_query(store: Store, row: int, label: str) -> Query:
-    vec = np.asarray(store.arrays["fingerprint"][row], dtype=np.float32)
+    vec = np.asarray(store.read("fingerprint", np.array([row]))[0], dtype=np.float32)
     c = store.coords(np.array([row]))
     return Query(label, vec, (int(c["source"][0]), int(c["wy"][0]), int(c["wx"][0])))
 
 
 def lonlat_queries(store: Store, points: Sequence[tuple[float, float]]) -> list[Query]:
-    """Queries from the stored tile that holds each lon/lat point (nearest centre if several)."""
+    """Queries from the stored tile that holds each lon/lat point (nearest centre if several).
+
+    Only sources whose WGS84 bounding box holds the point are looked at; in
+    each, the windows covering the point come from the source's grid
+    (:func:`~dask_fp.tiling.windows_at_pixel`), and their uids are looked up
+    in that source's rows only (:func:`uid_rows`).
+    """
     if not points:
         return []
-    from pyproj import Transformer
-
     tiling = store_tiling(store)
-    coords = store.coords()
-    index = {(int(s), int(y), int(x)): r for r, (s, y, x) in
-             enumerate(zip(coords["source"], coords["wy"], coords["wx"], strict=True))}
-    out = []
     for lon, lat in points:
         if not (-180 <= lon <= 180 and -90 <= lat <= 90):
             raise QueryError(f"--lonlat {lon},{lat} is not a longitude,latitude pair in degrees.")
+    sources = [s for s in store.sources if s.get("crs")]
+    boxes = [source_bbox(s) for s in sources]
+    transformers: dict[str, Any] = {}
+    cache: dict[int, np.ndarray] = {}
+    out = []
+    for lon, lat in points:
         best: tuple[float, int] | None = None
-        for src in store.sources:
-            if not src.get("crs"):
+        for src, box in zip(sources, boxes, strict=True):
+            if box is not None and not in_bbox(box, lon, lat):
                 continue
-            t = Transformer.from_crs("EPSG:4326", src["crs"], always_xy=True)
-            x, y = t.transform(lon, lat)
-            row, col = _xy_to_pixel(src["transform"], x, y)
-            if not (np.isfinite(row) and np.isfinite(col)):  # outside the CRS's area of use
-                continue
-            ny, nx = grid_shape(*src["shape"], tile=tiling.tile, stride=tiling.stride)
-            # Among the *stored* windows that hold the point, the nearest centre (a window
-            # dropped as empty may be the nearest one while a stored neighbour holds the point).
-            for wy in windows_covering(row, ny, tiling.tile, tiling.stride):
-                for wx in windows_covering(col, nx, tiling.tile, tiling.stride):
-                    if (src["index"], wy, wx) not in index:
-                        continue
-                    d = ((wy * tiling.stride + tiling.tile / 2 - row) ** 2
-                         + (wx * tiling.stride + tiling.tile / 2 - col) ** 2) / tiling.tile**2
-                    if best is None or d < best[0]:
-                        best = (d, index[(src["index"], wy, wx)])
+            hit = _nearest_stored(store, src, lon, lat, tiling, transformers, cache)
+            if hit is not None and (best is None or hit < best):
+                best = hit
         if best is None:
             raise QueryError(
                 f"no stored tile contains lon/lat {lon},{lat}; `dask-fp info {store.path}` lists"
@@ -201,6 +230,69 @@ def lonlat_queries(store: Store, points: Sequence[tuple[float, float]]) -> list[
             )
         out.append(_row_query(store, best[1], f"lonlat {lon},{lat}"))
     return out
+
+
+def _nearest_stored(
+    store: Store, src: dict[str, Any], lon: float, lat: float, tiling: Tiling,
+    transformers: dict[str, Any], cache: dict[int, np.ndarray],
+) -> tuple[float, int] | None:
+    """(normalised squared distance to the centre, row) of the source's nearest stored window at the point."""
+    from pyproj import Transformer
+
+    crs = src["crs"]
+    if crs not in transformers:
+        transformers[crs] = Transformer.from_crs("EPSG:4326", crs, always_xy=True)
+    x, y = transformers[crs].transform(lon, lat)
+    row, col = _xy_to_pixel(src["transform"], x, y)
+    if not (np.isfinite(row) and np.isfinite(col)):  # outside the CRS's area of use
+        return None
+    ny, nx = grid_shape(*src["shape"], tile=tiling.tile, stride=tiling.stride)
+    # Among the *stored* windows that hold the point, the nearest centre (a window
+    # dropped as empty may be the nearest one while a stored neighbour holds the point).
+    wins = windows_at_pixel(row, col, n_wy=ny, n_wx=nx, tile=tiling.tile, stride=tiling.stride)
+    if not wins:
+        return None
+    wy, wx = (np.array(v, dtype=np.int64) for v in zip(*wins, strict=True))
+    rows = uid_rows(store, make_uid(int(src["index"]), wy, wx).tolist(), cache)
+    for (y0, x0), r in zip(wins, rows, strict=True):
+        if r >= 0:
+            d = ((y0 * tiling.stride + tiling.tile / 2 - row) ** 2
+                 + (x0 * tiling.stride + tiling.tile / 2 - col) ** 2) / tiling.tile**2
+            return float(d), int(r)
+    return None
+
+
+def source_bbox(src: dict[str, Any]) -> tuple[float, float, float, float] | None:
+    """A source's ``[minlon, minlat, maxlon, maxlat]``: its ``bbox_wgs84`` record, or computed.
+
+    None when it cannot be computed (the caller then looks at the source
+    anyway). ``minlon > maxlon`` means the box crosses the antimeridian.
+    """
+    box = src.get("bbox_wgs84")
+    if box is not None:
+        return (float(box[0]), float(box[1]), float(box[2]), float(box[3]))
+    if not src.get("crs"):
+        return None
+    try:
+        from rasterio.warp import transform_bounds
+
+        h, w = src["shape"]
+        xs, ys = pixel_to_xy(tuple(src["transform"][:6]), np.array([0, 0, h, h]), np.array([0, w, 0, w]))
+        b = transform_bounds(src["crs"], "EPSG:4326", xs.min(), ys.min(), xs.max(), ys.max(), densify_pts=21)
+    except Exception:  # a CRS or transform pyproj/GDAL cannot handle: no prefilter for this source
+        return None
+    if not all(np.isfinite(b)):
+        return None
+    return (float(b[0]), float(b[1]), float(b[2]), float(b[3]))
+
+
+def in_bbox(box: tuple[float, float, float, float], lon: float, lat: float, pad: float = 1e-6) -> bool:
+    w, s, e, n = box
+    if not s - pad <= lat <= n + pad:
+        return False
+    if w <= e:
+        return w - pad <= lon <= e + pad
+    return lon >= w - pad or lon <= e + pad  # crosses the antimeridian
 
 
 def _xy_to_pixel(transform: Sequence[float], x: float, y: float) -> tuple[float, float]:

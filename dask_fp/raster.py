@@ -99,8 +99,77 @@ def limit_gdal_cache(mb: int = GDAL_CACHE_MB) -> None:
     set_gdal_config("GDAL_CACHEMAX", int(mb))
 
 
+#: URL schemes and the GDAL virtual file systems they become.
+_SCHEMES = {"http://": "/vsicurl/", "https://": "/vsicurl/", "s3://": "/vsis3/", "gs://": "/vsigs/"}
+
+
+def gdal_path(path: str | os.PathLike[str]) -> str | None:
+    """The GDAL path of a remote input, or None for a local file.
+
+    ``http(s)://…`` becomes ``/vsicurl/http(s)://…`` (GDAL reads it with HTTP
+    range requests, so a Cloud-Optimized GeoTIFF is read block by block),
+    ``s3://bucket/key`` becomes ``/vsis3/bucket/key`` and ``gs://`` ``/vsigs/``;
+    a path that already starts with ``/vsi`` is used as is.
+    """
+    s = os.fspath(path)
+    if isinstance(s, bytes):
+        s = os.fsdecode(s)
+    if s.startswith("/vsi"):
+        return s
+    for scheme, vsi in _SCHEMES.items():
+        if s.lower().startswith(scheme):
+            return vsi + (s if vsi == "/vsicurl/" else s[len(scheme):])
+    return None
+
+
+def _http_url(p: str) -> str | None:
+    """The URL behind a ``/vsicurl/`` path (None for other GDAL paths)."""
+    return p[len("/vsicurl/"):] if p.startswith("/vsicurl/") else None
+
+
+def remote_error(p: str, reason: str) -> str:
+    """An error message for a remote input that GDAL could not read: the URL, why, what to check."""
+    url = _http_url(p)
+    if url is not None:
+        return (f"{url}: cannot read it over HTTP ({reason}). Check that the URL is right, that the"
+                " server answers from this machine and from every Dask worker, and that it supports"
+                " range requests (a Cloud-Optimized GeoTIFF is read in pieces).")
+    return (f"{p}: GDAL cannot read it ({reason}). Check the path, that it is reachable from this"
+            " machine and from every Dask worker, and the credentials GDAL uses for it (for /vsis3/:"
+            " AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE, AWS_REGION; AWS_NO_SIGN_REQUEST=YES"
+            " for a public bucket).")
+
+
+def remote_sha256(p: str, *, block: int = 1 << 22) -> str:
+    """sha256 of a remote input's bytes, streamed once with urllib (the same hash as of a local copy).
+
+    Only HTTP(S) inputs (``/vsicurl/``); other GDAL virtual file systems
+    (``/vsis3/``, ``/vsigs/``, ...) are refused with a clear error for now.
+    """
+    url = _http_url(p)
+    if url is None or "/vsi" in url:
+        raise RasterError(
+            f"{p}: hashing inputs on this virtual file system is not supported yet (only http(s)"
+            " URLs and local files); copy the file locally or serve it over HTTP(S)."
+        )
+    import urllib.error
+    import urllib.request
+
+    h = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r:  # noqa: S310 (the user's own input URL)
+            while chunk := r.read(block):
+                h.update(chunk)
+    except (urllib.error.URLError, OSError) as e:
+        raise RasterError(remote_error(p, f"reading it to hash its content: {e}")) from None
+    return h.hexdigest()
+
+
 def file_sha256(path: str | os.PathLike[str], *, block: int = 1 << 22) -> str:
-    """Streaming sha256 of a file's bytes."""
+    """Streaming sha256 of an input's bytes: a local file, or a remote one (:func:`remote_sha256`)."""
+    remote = gdal_path(path)
+    if remote is not None:
+        return remote_sha256(remote, block=block)
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(block):
@@ -126,13 +195,18 @@ def inspect_raster(
     from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
     from rasterio.windows import Window
 
-    p = Path(path)
-    if not p.exists():
-        raise RasterError(f"{p}: no such file. Check the path.")
-    if p.is_dir():
-        raise RasterError(f"{p}: is a directory, not a raster file. Pass the image files inside it.")
-    if p.stat().st_size == 0:
-        raise RasterError(f"{p}: the file is empty (0 bytes). Re-copy or re-export the raster.")
+    remote = gdal_path(path)
+    p: Path | str
+    if remote is not None:
+        p = remote
+    else:
+        p = Path(path)
+        if not p.exists():
+            raise RasterError(f"{p}: no such file. Check the path.")
+        if p.is_dir():
+            raise RasterError(f"{p}: is a directory, not a raster file. Pass the image files inside it.")
+        if p.stat().st_size == 0:
+            raise RasterError(f"{p}: the file is empty (0 bytes). Re-copy or re-export the raster.")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
@@ -158,13 +232,15 @@ def inspect_raster(
         raise RasterError(f"{p}: the header asks for more memory than there is; is the file damaged?") from None
     except Exception as e:  # GDAL raises RasterioIOError, CPLE_* errors, ValueError, ... for damaged files
         kind = "" if isinstance(e, RasterioIOError) else f"{type(e).__name__}: "
+        if isinstance(p, str):
+            raise RasterError(remote_error(p, f"{kind}{_first_line(e)}")) from None
         raise RasterError(
             f"{p}: not a readable raster ({kind}{_first_line(e)}). Is it a GeoTIFF/COG, and is it complete?"
         ) from None
     if crop_size(height, tile=1) == 0 or crop_size(width, tile=1) == 0:
         raise RasterError(f"{p}: raster has no pixels ({height}x{width}).")
     return RasterSpec(
-        path=str(p.resolve()),
+        path=p if isinstance(p, str) else str(p.resolve()),
         sha256=file_sha256(p) if content_hash else "",
         height=height,
         width=width,
@@ -195,9 +271,10 @@ _TIFF_SUFFIXES = {".tif", ".tiff", ".gtif"}
 _TIFF_DRIVERS = {"GTiff", "COG", "LIBERTIFF"}
 
 
-def _check_driver(p: Path, driver: str) -> None:
+def _check_driver(p: Path | str, driver: str) -> None:
     """A file named ``*.tif`` must be a TIFF: anything else there is a mix-up, not an orthomosaic."""
-    if p.suffix.lower() in _TIFF_SUFFIXES and driver not in _TIFF_DRIVERS:
+    suffix = Path(str(p).split("?")[0]).suffix.lower()
+    if suffix in _TIFF_SUFFIXES and driver not in _TIFF_DRIVERS:
         raise RasterError(
             f"{p}: named like a GeoTIFF, but its content is a {driver} file. Check that the right"
             " file was exported or copied; to ingest a plain picture, give it its own file ending."
@@ -205,7 +282,7 @@ def _check_driver(p: Path, driver: str) -> None:
 
 
 def _choose_bands(
-    p: Path, count: int, interp: list, options: RasterOptions, alpha_interp: object
+    p: Path | str, count: int, interp: list, options: RasterOptions, alpha_interp: object
 ) -> tuple[tuple[int, ...], int | None]:
     alpha_bands = [i + 1 for i, c in enumerate(interp) if c == alpha_interp]
     alpha = alpha_bands[0] if alpha_bands else None
@@ -244,7 +321,7 @@ def _choose_bands(
 
 
 def _choose_scale(
-    p: Path,
+    p: Path | str,
     ds: object,
     dtype: str,
     bands: tuple[int, ...],
@@ -399,10 +476,13 @@ def read_window(source: dict, wy: int, wx: int, *, tile: int, stride: int) -> np
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with rasterio.open(source["path"]) as ds:
+            with rasterio.open(gdal_path(source["path"]) or source["path"]) as ds:
                 block = ds.read(bands, window=Window(wx * stride, wy * stride, tile, tile))
     except Exception as e:  # missing, changed or damaged since ingest
-        raise RasterError(f"{source['path']}: cannot read back window ({wy},{wx}): {_first_line(e)}") from None
+        msg = f"cannot read back window ({wy},{wx}): {_first_line(e)}"
+        if gdal_path(source["path"]) is not None:
+            raise RasterError(remote_error(str(source["path"]), msg)) from None
+        raise RasterError(f"{source['path']}: {msg}") from None
     scale = source.get("scale")
     rgb, _ = to_rgb_and_empty(
         block,

@@ -246,18 +246,19 @@ def overlap_fraction(
     return np.clip(tile - dy, 0, None) * np.clip(tile - dx, 0, None) / float(tile * tile)
 
 
-def window_at_pixel(
+def windows_at_pixel(
     row: float, col: float, *, n_wy: int, n_wx: int, tile: int, stride: int
-) -> tuple[int, int] | None:
-    """The window holding pixel position (row, col) whose centre is nearest; None if none."""
-    best: tuple[float, int, int] | None = None
+) -> list[tuple[int, int]]:
+    """Windows ``(wy, wx)`` holding pixel position (row, col), nearest centre first.
+
+    Ties are broken by ``(wy, wx)``. Empty when no window holds the position.
+    A caller that knows which windows were kept takes the first kept one.
+    """
     half = tile / 2.0
-    for wy in windows_covering(row, n_wy, tile, stride):
-        for wx in windows_covering(col, n_wx, tile, stride):
-            d = (wy * stride + half - row) ** 2 + (wx * stride + half - col) ** 2
-            if best is None or d < best[0]:
-                best = (d, wy, wx)
-    return None if best is None else (best[1], best[2])
+    found = [((wy * stride + half - row) ** 2 + (wx * stride + half - col) ** 2, wy, wx)
+             for wy in windows_covering(row, n_wy, tile, stride)
+             for wx in windows_covering(col, n_wx, tile, stride)]
+    return [(wy, wx) for _, wy, wx in sorted(found)]
 
 
 def windows_covering(p: float, n: int, tile: int, stride: int) -> range:

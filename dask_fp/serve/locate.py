@@ -1,10 +1,11 @@
 """Where stored tiles are: the window under a map position, and tile outlines for the map.
 
-:class:`TileIndex` reads the committed ``uid`` column once (8 bytes a tile)
-and answers, without touching the fingerprints: which stored window holds a
-lon/lat point or a source pixel (the hover grid and the click), whether a uid
-is stored, and each tile's outline (WGS84 for sources with a CRS, source
-pixels for the others).
+:class:`TileIndex` answers, without touching the fingerprints: which stored
+window holds a lon/lat point or a source pixel (the hover grid and the
+click), whether a uid is stored, and each tile's outline (WGS84 for sources
+with a CRS, source pixels for the others). Lookups go through
+:func:`dask_fp.query.uid_rows`: only the uid rows of the sources asked about
+are read (once each, then cached), never the whole column.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import numpy as np
 
 from ..errors import QueryError
 from ..export import footprints
+from ..query import in_bbox, source_bbox, uid_rows
 from ..store import Store
-from ..tiling import grid_shape, make_uid, split_uid, window_at_pixel
+from ..tiling import grid_shape, make_uid, split_uid, windows_at_pixel
 
 
 @dataclass(frozen=True)
@@ -39,12 +41,11 @@ class TileIndex:
         self.store = store
         self.tile, self.stride = int(store.attrs["tile"]), int(store.attrs["stride"])
         self.sources = {int(s["index"]): s for s in store.sources}
-        self.uids = np.sort(np.asarray(store.arrays["uid"][: store.committed], dtype=np.int64))
+        self._uids: dict[int, np.ndarray] = {}  # uid rows of the sources looked at so far
         self._to_src: dict[int, Any] = {}
 
     def has(self, uid: int) -> bool:
-        i = int(np.searchsorted(self.uids, uid))
-        return i < self.uids.size and int(self.uids[i]) == int(uid)
+        return bool(uid_rows(self.store, [int(uid)], self._uids)[0] >= 0)
 
     def source(self, index: int) -> dict[str, Any]:
         if index not in self.sources:
@@ -55,17 +56,20 @@ class TileIndex:
         """The stored window of ``source`` holding pixel (row, col) with the nearest centre, if any."""
         src = self.source(source)
         ny, nx = grid_shape(*src["shape"][:2], tile=self.tile, stride=self.stride)
-        hit = window_at_pixel(row, col, n_wy=ny, n_wx=nx, tile=self.tile, stride=self.stride)
-        if hit is None or not self.has(int(make_uid(source, *hit))):
-            return None
-        return self.locate(int(make_uid(source, *hit)))
+        wins = windows_at_pixel(row, col, n_wy=ny, n_wx=nx, tile=self.tile, stride=self.stride)
+        uids = [int(make_uid(source, wy, wx)) for wy, wx in wins]
+        for uid, r in zip(uids, uid_rows(self.store, uids, self._uids), strict=True):
+            if r >= 0:  # the nearest stored window (a nearer one may have been dropped as empty)
+                return self.locate(uid)
+        return None
 
     def at_lonlat(self, lon: float, lat: float) -> Located | None:
         """The stored window holding a WGS84 point (the first source with a CRS that has one)."""
         from affine import Affine
 
         for idx, src in self.sources.items():
-            if not src.get("crs"):
+            box = source_bbox(src) if src.get("crs") else None
+            if not src.get("crs") or (box is not None and not in_bbox(box, lon, lat)):
                 continue
             x, y = self._transformer(idx).transform(lon, lat)
             if not (np.isfinite(x) and np.isfinite(y)):
@@ -104,13 +108,5 @@ class TileIndex:
 
     def bounds(self, index: int) -> list[float] | None:
         """WGS84 ``[west, south, east, north]`` of a source with a CRS (None without one)."""
-        from rasterio.warp import transform_bounds
-
-        src = self.source(index)
-        if not src.get("crs"):
-            return None
-        h, w = src["shape"][:2]
-        a, b, c, d, e, f = src["transform"][:6]
-        xs = [c, a * w + c, b * h + c, a * w + b * h + c]
-        ys = [f, d * w + f, e * h + f, d * w + e * h + f]
-        return [float(v) for v in transform_bounds(src["crs"], "EPSG:4326", min(xs), min(ys), max(xs), max(ys))]
+        box = source_bbox(self.source(index))
+        return None if box is None else list(box)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -11,41 +10,23 @@ from typing import Any
 import numpy as np
 
 from ..errors import StoreError
+from .chunks import ChunkFiles, check_all, checked_block, damage_error, require, sampled_bytes
 from .schema import COORD_DTYPES, COORDS, QUERY_TASK_CHUNKS, SETTING_KEYS, open_arrays, open_group
-from .sources import read_sources
+from .sources import read_rows, read_sources
+
+#: Row chunks per array whose files ``dask-fp info`` stats for the bytes on disk.
+INFO_SAMPLE_CHUNKS = 16
 
 
 def check_chunks(
     path: Path, arrays: dict[str, Any], committed: int, sources: Callable[[], list[dict[str, Any]]]
 ) -> None:
-    """Every chunk file that holds committed rows must exist.
+    """Every chunk file that holds committed rows must exist: one ``stat`` per file.
 
-    Zarr silently reads a missing chunk as fill values (zeros, NaN), which
-    would turn a deleted file into wrong answers. Writers store every chunk,
-    even one equal to the fill value, so a missing chunk file means damage.
-    Cost: one ``stat`` per chunk (a chunk holds thousands of rows).
+    Readers do not call this (they check the files each read touches); the
+    writer does, before appending, and :meth:`Store.verify` on request.
     """
-    missing: list[tuple[str, int, int]] = []
-    for name, arr in arrays.items():
-        rows = arr.chunks[0]
-        enc = arr.metadata.chunk_key_encoding
-        rest = [range(-(-s // c)) for s, c in zip(arr.shape[1:], arr.chunks[1:], strict=True)]
-        for i in range(-(-committed // rows)):
-            for tail in itertools.product(*rest):
-                key = enc.encode_chunk_key((i, *tail))
-                if not (path / name / key).is_file():
-                    missing.append((f"{name}/{key}", i * rows, min((i + 1) * rows, committed)))
-    if not missing:
-        return
-    lo, hi = min(m[1] for m in missing), max(m[2] for m in missing)
-    hit = sorted({s.get("path", "?") for s in sources()
-                  if "rows" in s and s["rows"][0] < hi and s["rows"][1] > lo})
-    files = ", ".join(m[0] for m in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-    raise StoreError(
-        f"{path}: chunk file(s) {files} missing (rows {lo}..{hi - 1} of {committed} committed,"
-        f" from {', '.join(hit) or 'unknown sources'}); the store is damaged. Restore it from a"
-        " backup, or ingest the sources again into a new store."
-    )
+    check_all(path, arrays, committed, sources)
 
 
 class Store:
@@ -74,7 +55,10 @@ class Store:
             )
         self._persisted: Any = None
         self._sources: list[dict[str, Any]] | None = None
-        check_chunks(self.path, self.arrays, self.committed, lambda: self.sources)
+        self._source_rows: np.ndarray | None = None
+        # No per-chunk walk here: opening costs a fixed number of file reads (group and
+        # array metadata). Each read checks the chunk files it touches (see .chunks).
+        self.files = {name: ChunkFiles.of(self.path, name, arr) for name, arr in self.arrays.items()}
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -87,6 +71,38 @@ class Store:
             self._sources = read_sources(self.group, self.attrs)
         return list(self._sources)
 
+    def source_rows(self) -> np.ndarray:
+        """``(n_sources, 2)`` ``[start, stop)`` row range of each committed source (read once)."""
+        if self._source_rows is None:
+            self._source_rows = read_rows(self.group, self.attrs)
+        return self._source_rows
+
+    def verify(self) -> None:
+        """Check that every chunk file of committed rows exists (one ``stat`` per file)."""
+        check_chunks(self.path, self.arrays, self.committed, lambda: self.sources)
+
+    def read(self, name: str, rows: np.ndarray | slice) -> np.ndarray:
+        """Committed rows ``rows`` (indices or a slice) of array ``name``; reads only their chunks.
+
+        The chunk files holding them are checked first, so a deleted file is a
+        "store is damaged" error, not fill values.
+        """
+        f = self.files[name]
+        if isinstance(rows, slice):
+            lo, hi, step = rows.indices(self.committed)
+            if step != 1:
+                raise ValueError("Store.read takes a slice with step 1")
+            require(self.path, [f], lambda g: g.indices(lo, hi), self.committed, lambda: self.sources)
+            return np.asarray(self.arrays[name][lo:max(lo, hi)])
+        idx = np.asarray(rows, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.committed):
+            raise IndexError(f"rows out of range 0..{self.committed - 1} of {self.path}")
+        if idx.size == 0:
+            arr = self.arrays[name]
+            return np.empty((0, *arr.shape[1:]), dtype=arr.dtype)
+        require(self.path, [f], lambda g: g.indices_of_rows(idx), self.committed, lambda: self.sources)
+        return np.asarray(self.arrays[name].get_orthogonal_selection(idx))
+
     @property
     def dim(self) -> int:
         return int(self.attrs["feature_dim"])
@@ -98,7 +114,7 @@ class Store:
         import dask.array as da
 
         a = self.arrays["fingerprint"]
-        return da.from_zarr(a, chunks=(self.task_rows, a.shape[1]))[: self.committed]
+        return self._checked(da.from_zarr(a, chunks=(self.task_rows, a.shape[1]))[: self.committed], "fingerprint")
 
     def norm2(self) -> Any:
         """Committed squared norms as a dask array ``(tile,)``."""
@@ -106,7 +122,12 @@ class Store:
             return self._persisted[1]
         import dask.array as da
 
-        return da.from_zarr(self.arrays["norm2"], chunks=self.task_rows)[: self.committed]
+        return self._checked(da.from_zarr(self.arrays["norm2"], chunks=self.task_rows)[: self.committed], "norm2")
+
+    def _checked(self, x: Any, name: str) -> Any:
+        """``x`` whose every block first checks that its chunk files exist (in the read task)."""
+        return x.map_blocks(checked_block, files=self.files[name], committed=self.committed,
+                            dtype=x.dtype, meta=np.empty((0,) * x.ndim, dtype=x.dtype))
 
     def column(self, name: str) -> Any:
         """A committed per-tile array (``lon``, ``lat``, ``source``, …) as a dask array ``(tile,)``,
@@ -131,13 +152,13 @@ class Store:
         return self
 
     def coords(self, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """Per-tile coordinates of ``rows`` (all committed rows if None)."""
+        """Per-tile coordinates of ``rows`` (all committed rows if None); reads only their chunks."""
         if rows is None:
-            return {k: np.asarray(self.arrays[k][: self.committed]) for k in COORDS}
+            return {k: self.read(k, slice(0, self.committed)) for k in COORDS}
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size == 0:
             return {k: np.empty(0, dtype=COORD_DTYPES[k]) for k in COORDS}
-        return {k: self.arrays[k].get_orthogonal_selection(rows) for k in COORDS}
+        return {k: self.read(k, rows) for k in COORDS}
 
     def dataset(self) -> Any:
         """The committed rows as a lazy ``xarray.Dataset``."""
@@ -164,7 +185,7 @@ def store_summary(store: Store) -> dict[str, Any]:
     itemsize = np.dtype(a["dtype"]).itemsize
     fp_bytes = n * dim * itemsize
     per_tile_scan = dim * itemsize + 4  # fingerprint + norm2
-    disk = _disk_bytes(store.path)
+    disk, stated, total = disk_bytes(store)
     return {
         "path": str(store.path),
         "model": a["model"],
@@ -181,6 +202,9 @@ def store_summary(store: Store) -> dict[str, Any]:
         "dropped_empty": sum(int(s["dropped"]) for s in store.sources),
         "fingerprint_bytes": fp_bytes,
         "store_bytes_on_disk": disk,
+        "store_bytes_on_disk_estimated": stated < total,
+        "chunk_files_stated": stated,
+        "chunk_files": total,
         "bytes_per_tile_on_disk": (disk / n) if n else None,
         "compression_uint8_pixels": tile * tile * 3 / (dim * itemsize),
         "compression_float32_pixels": tile * tile * 3 * 4 / (dim * itemsize),
@@ -203,7 +227,10 @@ def format_summary(info: dict[str, Any]) -> str:
         f"sources    {info['sources']}",
         f"tiles      {info['tiles']} kept of {info['windows']} windows ({info['dropped_empty']} dropped as empty)",
         f"bytes      fingerprints {info['fingerprint_bytes'] * mb:.2f} MiB, on disk "
-        f"{info['store_bytes_on_disk'] * mb:.2f} MiB"
+        + ("~" if info.get("store_bytes_on_disk_estimated") else "")
+        + f"{info['store_bytes_on_disk'] * mb:.2f} MiB"
+        + (f" (estimated from {info['chunk_files_stated']} of {info['chunk_files']} chunk files)"
+           if info.get("store_bytes_on_disk_estimated") else "")
         + (f" ({info['bytes_per_tile_on_disk']:.0f} B/tile)" if info["bytes_per_tile_on_disk"] else ""),
         f"compression {info['compression_uint8_pixels']:.0f}x vs uint8 pixels, "
         f"{info['compression_float32_pixels']:.0f}x vs float32 pixels",
@@ -219,6 +246,23 @@ def format_summary(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _disk_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+def disk_bytes(store: Store, sample: int = INFO_SAMPLE_CHUNKS) -> tuple[int, int, int]:
+    """Bytes on disk of the committed rows' chunk files: ``(bytes, files stat'ed, files)``.
+
+    Bounded: at most ``sample`` row chunks per array are stat'ed (the first,
+    the last and evenly spaced ones); with more chunks than that the total is
+    the sampled mean times the file count, an estimate (``bytes`` is exact when
+    ``stat'ed == files``). Metadata, the sources table and a crashed writer's
+    leftovers past ``committed`` are not counted. A missing sampled file is a
+    "store is damaged" error.
+    """
+    total = stated = files = 0
+    missing = []
+    for f in store.files.values():
+        b, s, n, miss = sampled_bytes(f, store.committed, sample)
+        total, stated, files = total + b, stated + s, files + n
+        missing += miss
+    if missing:
+        raise damage_error(store.path, missing, store.committed, lambda: store.sources)
+    return total, stated, files
 
