@@ -16,6 +16,7 @@ from .errors import (  # noqa: E402
     StoreMismatchError,
     WeightsError,
 )
+from .index import IndexOptions, build_index, code_search, extend_index, open_index  # noqa: E402
 from .ingest import IngestReport, ingest  # noqa: E402
 from .models import ModelOptions, embed  # noqa: E402
 from .raster import RasterOptions  # noqa: E402
@@ -24,7 +25,8 @@ from .store import Store, open_store  # noqa: E402
 from .tiling import Tiling, make_uid, split_uid  # noqa: E402
 
 __all__ = [
-    "ClusterError", "DaskFpError", "Hits", "IngestReport", "Query", "ModelOptions", "QueryError", "RasterError",
-    "RasterOptions", "Store", "StoreError", "StoreLockedError", "StoreMismatchError", "Tiling",
-    "WeightsError", "__version__", "embed", "ingest", "make_uid", "open_store", "search", "split_uid",
+    "ClusterError", "DaskFpError", "Hits", "IndexOptions", "IngestReport", "Query", "ModelOptions", "QueryError",
+    "RasterError", "RasterOptions", "Store", "StoreError", "StoreLockedError", "StoreMismatchError", "Tiling",
+    "WeightsError", "__version__", "build_index", "code_search", "embed", "extend_index", "ingest", "make_uid",
+    "open_index", "open_store", "search", "split_uid",
 ]

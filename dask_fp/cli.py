@@ -114,7 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--weights", metavar="PATH|random", help="weights for image queries (default: the store's)")
     q.add_argument("--persist", action="store_true", help="load the store into cluster memory first")
     q.add_argument("--split-every", type=_positive, help="fan-in of the merge tree")
+    q.add_argument("--method", choices=("auto", "exact", "codes"), default="auto",
+                   help="exact scan, or compact codes + exact re-rank (auto: codes for large indexed stores)")
+    q.add_argument("--candidates", type=_positive, help="codes re-ranked per query (--method codes)")
     _cluster_args(q)
+
+    ix = sub.add_parser("index", help="build (or rebuild) the store's compact-code index")
+    ix.add_argument("store")
+    ix.add_argument("--nbits", type=_positive, default=512, help="bits per tile (multiple of 64, <= dimension)")
+    ix.add_argument("--train-rows", type=_positive, default=100_000, help="rows that train the code")
+    ix.add_argument("--extend", action="store_true", help="only encode rows added since the last build")
+    ix.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the writer lock")
+    _cluster_args(ix)
 
     un = sub.add_parser("unlock", help="remove a stale writer lock")
     un.add_argument("store")
@@ -168,18 +179,21 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_query(args: argparse.Namespace) -> int:
     from .export import write_outputs
+    from .index import choose_method
     from .query import store_model_options
     from .search import search
     from .store import open_store
 
     store = open_store(args.store)
     model = store_model_options(store, weights=args.weights) if args.weights else None
+    method = choose_method(store, args.method)
+    print(f"method {method} ({store.committed} rows; --method {args.method})", file=sys.stderr)
     with _cluster(args):
         if args.persist:
             store.persist()
         hits = search(store, images=args.image, uids=args.uid, lonlats=args.lonlat, k=args.k,
                       dedup=not args.no_dedup, include_self=args.include_self, model=model,
-                      split_every=args.split_every)
+                      split_every=args.split_every, method=method, candidates=args.candidates)
     files = write_outputs(hits, args.out) if args.out else None
     if args.json:
         out: dict[str, Any] = {"queries": [{"index": i, "label": q.label, "hits": json.loads(
@@ -195,6 +209,21 @@ def cmd_query(args: argparse.Namespace) -> int:
         print(t[["rank", "uid", "distance", "path", "wy", "wx", "lon", "lat"]].to_string(index=False))
     if files:
         print("wrote " + ", ".join([files["csv"], files["geojson"], *files["mosaics"]]))
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from .index import IndexOptions, build_index, extend_index
+
+    with _cluster(args) as client:
+        if args.extend:
+            n = extend_index(args.store, client=client, wait=args.wait)
+            print(f"index of {args.store}: encoded {n} new rows")
+            return 0
+        info = build_index(args.store, IndexOptions(nbits=args.nbits, train_rows=args.train_rows),
+                           client=client, wait=args.wait)
+    print(f"index of {args.store}: {info['indexed']} rows, {info['nbits']} bits ({info['nbits'] // 8} B/tile),"
+          f" trained on {info['trained_on']} rows, {info['seconds']} s")
     return 0
 
 
@@ -221,7 +250,8 @@ def _join_negative_values(argv: list[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(_join_negative_values(list(sys.argv[1:] if argv is None else argv)))
-    handler = {"ingest": cmd_ingest, "info": cmd_info, "query": cmd_query, "unlock": cmd_unlock}[args.command]
+    handler = {"ingest": cmd_ingest, "info": cmd_info, "query": cmd_query, "unlock": cmd_unlock,
+               "index": cmd_index}[args.command]
     try:
         return handler(args)
     except DaskFpError as e:

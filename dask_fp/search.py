@@ -20,6 +20,7 @@ import pandas as pd
 
 from .errors import DaskFpError, QueryError, StoreError
 from .hits import TABLE_COLUMNS, Hits
+from .index import choose_method, code_search
 from .kernels import candidates_needed, dedup_mask
 from .models import ModelOptions
 from .query import Query, image_queries, lonlat_queries, store_tiling, uid_queries
@@ -41,6 +42,8 @@ def search(
     include_self: bool = False,
     model: ModelOptions | None = None,
     split_every: int | None = None,
+    method: str = "auto",
+    candidates: int | None = None,
 ) -> Hits:
     """k nearest tiles for a batch of queries, in one pass over the store.
 
@@ -55,6 +58,12 @@ def search(
         Drop hits that overlap a better hit of the same source.
     include_self : bool
         Keep the query's own tile (and, with ``dedup``, its overlapping tiles).
+    method : {"auto", "exact", "codes"}
+        ``exact``: scan every fingerprint. ``codes``: scan the store's compact-code
+        index and re-rank the candidates exactly (:func:`dask_fp.index.code_search`).
+        ``auto``: codes for large stores with an index (:func:`dask_fp.index.choose_method`).
+    candidates : int, optional
+        Codes re-ranked per query with ``codes`` (default :func:`dask_fp.index.default_candidates`).
     """
     if not isinstance(k, int | np.integer) or k < 1:
         raise QueryError(f"k must be a whole number >= 1, got {k!r}")
@@ -70,7 +79,10 @@ def search(
     m = candidates_needed(int(k), tiling, dedup=dedup, from_store=from_store)
     vecs = np.stack([q.vector for q in qs]).astype(np.float32)
     try:
-        dist, rows = knn(st.fingerprints(), st.norm2(), vecs, m, split_every=split_every)
+        if choose_method(st, method) == "codes":
+            dist, rows = code_search(st, vecs, m, candidates=candidates, split_every=split_every)
+        else:
+            dist, rows = knn(st.fingerprints(), st.norm2(), vecs, m, split_every=split_every)
         flat = np.unique(rows)
         meta = st.coords(flat)
     except DaskFpError:
