@@ -221,8 +221,9 @@ def build_index(
         g.create_array("codes", shape=(0, params.nbytes), chunks=(st.arrays["fingerprint"].chunks[0], params.nbytes),
                        dtype="uint8", fill_value=0, compressors=None, dimension_names=("tile", "code_byte"))
         _write_codes(st, g, params, 0, st.committed)
-        attrs: dict[str, Any] = {"method": "itq", "version": INDEX_VERSION, "nbits": params.nbits, "feature_dim": st.dim,
-                 "indexed": st.committed, "trained_on": trained_on, "built": now()}
+        attrs: dict[str, Any] = {"method": "itq", "version": INDEX_VERSION, "nbits": params.nbits,
+                                 "feature_dim": st.dim, "indexed": st.committed, "trained_on": trained_on,
+                                 "built": now()}
         g.attrs.update(attrs)  # last: an interrupted build leaves indexed = 0 (nothing claimed)
     return {**attrs, "seconds": round(time.perf_counter() - t0, 3)}
 
