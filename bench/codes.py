@@ -166,7 +166,7 @@ def faiss_rows(x: np.ndarray, qs: np.ndarray, truth: np.ndarray, timing_q: Calla
     flat = faiss.IndexFlatL2(d)
     flat.add(x)
     res["faiss_flat"] = {"s": median_s(lambda i: flat.search(timing_q(i), K), repeats)[0], "recall": 1.0}
-    del flat
+    flat.reset()  # free its copy of the vectors
 
     def tune(index: Any, name: str, knobs: list[tuple[str, Callable[[], None]]], build_s: float, mem: float) -> None:
         for label, setk in knobs:
@@ -195,7 +195,7 @@ def faiss_rows(x: np.ndarray, qs: np.ndarray, truth: np.ndarray, timing_q: Calla
 
     tune(refine, "faiss_ivfpq_refine", [(f"nprobe {p}, k_factor {f}", knob(p, f))
                                         for p in (4, 8, 16, 32, 64) for f in (4, 16)], b, 64 + 8)
-    del refine, ivf
+    refine.reset()
     if n <= hnsw_max:
         t0 = time.perf_counter()
         h = faiss.IndexHNSWFlat(d, 32)
@@ -296,6 +296,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                       dashboard_address=":0") as cluster, Client(cluster) as client:
         if not args.skip_real:
             results["real"] = real_section(args, client)
+            (args.workdir / "codes-results.json").write_text(json.dumps(results, indent=2, default=str))
         real = cd.real_fingerprints(args.workdir / f"ucm_lite0_rot{args.rotations}.npy", rotations=args.rotations)
         real512 = cd.reduce_dim(real, DIM)
         sample = cd.Synthetic(real512, sigma=args.sigma).block(0, len(real512))
@@ -305,9 +306,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "total_variance_synthetic": float(sample.var(axis=0).sum()),
         }
         say(f"synthetic vs real: {results['synthetic_vs_real']}")
-        results["sizes"] = [size_section(int(n), real512, args, client) for n in args.sizes.split(",")]
-    path = args.workdir / "codes-results.json"
-    path.write_text(json.dumps(results, indent=2, default=str))
+        path = args.workdir / "codes-results.json"
+        path.write_text(json.dumps(results, indent=2, default=str))  # after each section: partial runs keep results
+        results["sizes"] = []
+        for n in args.sizes.split(","):
+            results["sizes"].append(size_section(int(n), real512, args, client))
+            path.write_text(json.dumps(results, indent=2, default=str))
     print(json.dumps(results, indent=2, default=str))
     say(f"wrote {path}")
     return results

@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     ix = sub.add_parser("index", help="build (or rebuild) the store's compact-code index")
     ix.add_argument("store")
     ix.add_argument("--nbits", type=_positive, default=512, help="bits per tile (multiple of 64, <= dimension)")
-    ix.add_argument("--train-rows", type=_positive, default=100_000, help="rows that train the code")
+    ix.add_argument("--train-rows", type=_positive, default=20_000, help="rows that train the code")
     ix.add_argument("--extend", action="store_true", help="only encode rows added since the last build")
     ix.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the writer lock")
     _cluster_args(ix)

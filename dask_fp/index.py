@@ -68,8 +68,8 @@ class IndexOptions:
     """
 
     nbits: int = 512
-    train_rows: int = 100_000
-    iterations: int = 30
+    train_rows: int = 20_000
+    iterations: int = 20
     seed: int = 0
 
 
