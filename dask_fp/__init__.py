@@ -17,6 +17,7 @@ from .errors import (  # noqa: E402
     StoreMismatchError,
     WeightsError,
 )
+from .index import IndexOptions, build_index, code_search, extend_index, open_index  # noqa: E402
 from .ingest import IngestReport, ingest  # noqa: E402
 from .models import ModelOptions, embed  # noqa: E402
 from .raster import RasterOptions  # noqa: E402
@@ -26,8 +27,8 @@ from .store import Store, open_store  # noqa: E402
 from .tiling import Tiling, make_uid, split_uid  # noqa: E402
 
 __all__ = [
-    "ClusterError", "DaskFpError", "Hits", "IngestReport", "Query", "ModelOptions", "QueryError", "RasterError",
-    "RasterOptions", "SearchSession", "Store", "StoreError", "StoreLockedError", "StoreMismatchError", "Tiling",
-    "WeightsError", "__version__", "classify", "embed", "ingest", "make_uid", "open_store", "read_labels", "search",
-    "split_uid",
+    "ClusterError", "DaskFpError", "Hits", "IndexOptions", "IngestReport", "Query", "ModelOptions", "QueryError",
+    "RasterError", "RasterOptions", "SearchSession", "Store", "StoreError", "StoreLockedError", "StoreMismatchError",
+    "Tiling", "WeightsError", "__version__", "build_index", "classify", "code_search", "embed", "extend_index",
+    "ingest", "make_uid", "open_index", "open_store", "read_labels", "search", "split_uid",
 ]

@@ -175,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-k", type=int, default=10, help="hits per query")
     q.add_argument("--no-dedup", action="store_true", help="keep overlapping hits")
     q.add_argument("--include-self", action="store_true", help="keep the query's own (and labelled) tiles")
+    q.add_argument("--method", choices=("auto", "exact", "codes"), default="auto",
+                   help="exact scan, or compact codes + exact re-rank (auto: codes for large indexed stores)")
+    q.add_argument("--candidates", type=_positive, help="codes re-ranked per query (--method codes)")
     _common_query_args(q, "write hits.csv, hits.geojson and mosaics here")
 
     c = sub.add_parser("classify", help="train a linear classifier on labelled tiles and score every tile")
@@ -195,6 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--no-persist", action="store_true",
                     help="stream the store from disk per query instead of keeping it in cluster memory")
     _cluster_args(sv)
+
+    ix = sub.add_parser("index", help="build (or rebuild) the store's compact-code index")
+    ix.add_argument("store")
+    ix.add_argument("--nbits", type=_positive, default=512, help="bits per tile (multiple of 64, <= dimension)")
+    ix.add_argument("--train-rows", type=_positive, default=20_000, help="rows that train the code")
+    ix.add_argument("--extend", action="store_true", help="only encode rows added since the last build")
+    ix.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the writer lock")
+    _cluster_args(ix)
 
     un = sub.add_parser("unlock", help="remove a stale writer lock")
     un.add_argument("store")
@@ -264,16 +275,20 @@ def _filters(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_query(args: argparse.Namespace) -> int:
     from .export import write_outputs
+    from .index import choose_method
     from .search import search
 
     with _cluster(args):
         session = _session(args)
+        filtered = args.area is not None or args.sources  # filters run on the exact scan
+        method = "exact" if filtered and args.method == "auto" else choose_method(session.store, args.method)
+        print(f"method {method} ({session.store.committed} rows; --method {args.method})", file=sys.stderr)
         if args.persist:
             session.store.persist()
         hits = search(session.store, images=args.image, uids=args.uid, lonlats=args.lonlat,
                       positives=session.positives, negatives=session.negatives, beta=args.beta, k=args.k,
                       dedup=not args.no_dedup, include_self=args.include_self, model=session.model,
-                      **_filters(args))
+                      method=method, candidates=args.candidates, **_filters(args))
         if args.save_labels:
             session.save(args.save_labels)
     files = write_outputs(hits, args.out) if args.out else None
@@ -325,6 +340,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_index(args: argparse.Namespace) -> int:
+    from .index import IndexOptions, build_index, extend_index
+
+    with _cluster(args) as client:
+        if args.extend:
+            n = extend_index(args.store, client=client, wait=args.wait)
+            print(f"index of {args.store}: encoded {n} new rows")
+            return 0
+        info = build_index(args.store, IndexOptions(nbits=args.nbits, train_rows=args.train_rows),
+                           client=client, wait=args.wait)
+    print(f"index of {args.store}: {info['indexed']} rows, {info['nbits']} bits ({info['nbits'] // 8} B/tile),"
+          f" trained on {info['trained_on']} rows, {info['seconds']} s")
+    return 0
+
+
 def cmd_unlock(args: argparse.Namespace) -> int:
     from .store import break_lock, describe_lock
 
@@ -349,7 +379,7 @@ def _join_negative_values(argv: list[str]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(_join_negative_values(list(sys.argv[1:] if argv is None else argv)))
     handler = {"ingest": cmd_ingest, "info": cmd_info, "query": cmd_query, "classify": cmd_classify,
-               "serve": cmd_serve, "unlock": cmd_unlock}[args.command]
+               "serve": cmd_serve, "index": cmd_index, "unlock": cmd_unlock}[args.command]
     try:
         return handler(args)
     except DaskFpError as e:

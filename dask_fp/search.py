@@ -23,6 +23,7 @@ from .errors import DaskFpError, QueryError, StoreError
 from .examples import BETA, Example, as_examples, combined_query
 from .filters import Area, candidate_blocks, filter_columns, make_filter
 from .hits import TABLE_COLUMNS, Hits
+from .index import choose_method, code_search
 from .kernels import RowFilter, candidates_needed, dedup_mask
 from .models import ModelOptions
 from .query import Query, image_queries, lonlat_queries, store_tiling, uid_queries
@@ -85,6 +86,8 @@ def search(
     beta: float = BETA,
     model: ModelOptions | None = None,
     split_every: int | None = None,
+    method: str = "auto",
+    candidates: int | None = None,
 ) -> Hits:
     """k nearest tiles for a batch of queries, in one pass over the store.
 
@@ -124,6 +127,12 @@ def search(
     chunk task masks its rows before the distances), so a filtered search costs
     no more than an unfiltered one. With a filter, fewer than ``k`` hits come back
     when fewer tiles pass it; a filter that keeps no tile at all is a QueryError.
+    method : {"auto", "exact", "codes"}
+        ``exact``: scan every fingerprint. ``codes``: scan the store's compact-code
+        index and re-rank the candidates exactly (:func:`dask_fp.index.code_search`).
+        ``auto``: codes for large stores with an index (:func:`dask_fp.index.choose_method`).
+    candidates : int, optional
+        Codes re-ranked per query with ``codes`` (default :func:`dask_fp.index.default_candidates`).
     """
     if not isinstance(k, int | np.integer) or isinstance(k, bool) or k < 1:
         raise QueryError(f"k must be a whole number >= 1, got {k!r}")
@@ -144,10 +153,19 @@ def search(
     m = candidates_needed(int(k), tiling, dedup=dedup, from_store=from_store, n_own=n_own)
     vecs = np.stack([q.vector for q in qs]).astype(np.float32)
 
+    how = choose_method(st, method)
+    if how == "codes" and where is not None:
+        if method == "codes":
+            raise QueryError("area and source filters run on the exact scan; drop --method codes, or the filter.")
+        how = "exact"
+
     def run() -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-        x = st.fingerprints()
-        d, r = knn(x, st.norm2(), vecs, m, split_every=split_every, where=where,
-                   columns=filter_columns(st, where), blocks=candidate_blocks(st, where, x.chunks[0]))
+        if how == "codes":
+            d, r = code_search(st, vecs, m, candidates=candidates, split_every=split_every)
+        else:
+            x = st.fingerprints()
+            d, r = knn(x, st.norm2(), vecs, m, split_every=split_every, where=where,
+                       columns=filter_columns(st, where), blocks=candidate_blocks(st, where, x.chunks[0]))
         f = np.unique(r)
         return d, r, f, st.coords(f)
 

@@ -1,0 +1,321 @@
+"""Compact-code search (dask_fp.index) against the exact scan, numpy, FAISS IVF-PQ and HNSW.
+
+A separate script from bench/query.py (which times the exact scan and the
+``search()`` verb, and is being reworked for the verb's overhead) so the two
+can change independently; it uses the same cluster shape (LocalCluster,
+2 workers x 1 thread) and the same rules: every repeat times a fresh query
+vector never seen before, all rows of a table come from one run.
+
+Sections:
+
+1. Real fingerprints: EfficientNet-Lite0 over UC Merced (bench/codes_data.py),
+   1,280-d, queries held out of the store: recall@10 of code search + exact
+   re-rank against the exact scan, by code length and re-rank candidates.
+2. Synthetic stores following the real statistics (512-d, bench/codes_data.py)
+   at each ``--sizes`` row count: index build time and bytes per tile; single
+   query median latency of the exact scan (streamed from Zarr; persisted when it
+   fits the cluster memory limit), code search (codes in memory, fingerprints
+   streamed / persisted), numpy brute force and FAISS flat over the in-memory
+   matrix, FAISS IVF-PQ + exact refine and FAISS HNSW tuned to the same recall;
+   recall@10 of each against exact; and the plain single-process loop over the
+   same Zarr chunks against the streamed exact scan (issue 14 item 4).
+
+Run::
+
+    .venv/bin/python bench/codes.py                           # 45,000 and 1,000,000 rows
+    .venv/bin/python bench/codes.py --sizes 45000,1000000,10000000   # + 10M (20 GB on disk)
+    .venv/bin/python bench/codes.py --quick                   # smoke run
+
+Results go to ``<workdir>/codes-results.json``; docs/performance.md reads them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import codes_data as cd  # noqa: E402
+
+K = 10
+DIM = 512
+BLOCK = 65_536
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def median_s(fn: Callable[[int], Any], repeats: int, budget_s: float = 60.0) -> tuple[float, int]:
+    """Median seconds of ``fn(i)`` over fresh inputs ``i = 1..repeats`` after a warm-up ``fn(0)``."""
+    fn(0)
+    runs: list[float] = []
+    t_start = time.perf_counter()
+    for i in range(1, repeats + 1):
+        t0 = time.perf_counter()
+        fn(i)
+        runs.append(time.perf_counter() - t0)
+        if time.perf_counter() - t_start > budget_s:
+            break
+    return statistics.median(runs), len(runs)
+
+
+def recall(truth: np.ndarray, got: np.ndarray) -> float:
+    return float(np.mean([len(set(a.tolist()) & set(b.tolist())) / len(a) for a, b in zip(truth, got, strict=True)]))
+
+
+def numpy_knn(x: np.ndarray, n2: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
+    d = n2[None, :] - 2 * (q @ x.T)
+    idx = np.argpartition(d, k - 1, axis=1)[:, :k]
+    return np.take_along_axis(idx, np.argsort(np.take_along_axis(d, idx, 1), axis=1), 1)
+
+
+def write_store(path: Path, blocks: Callable[[int, int], np.ndarray], n: int, dim: int) -> tuple[Any, float]:
+    """A store of ``n`` rows made of ``blocks(i, rows)``, through the store writer."""
+    import shutil
+
+    from dask_fp.store import StoreSettings, open_store, open_writer
+    from dask_fp.tiling import make_uid
+
+    if path.exists():
+        shutil.rmtree(path)
+    s = StoreSettings(model="efficientnet-lite0", weights="bench", weights_sha256="bench", feature_dim=dim,
+                      tile=256, stride=256, max_empty=0.5, dtype="float32", normalisation="bench")
+    nx = int(np.ceil(np.sqrt(n)))
+    ny = -(-n // nx)
+    entry = {"index": 0, "path": f"bench vectors ({n} rows)", "sha256": f"bench-{n}", "crs": None, "crs_name": None,
+             "transform": [1.0, 0.0, 0.0, 0.0, 1.0, 0.0], "shape": [ny * 256, nx * 256], "bands": [1, 2, 3],
+             "alpha": None, "nodata": None, "scale": None, "dtype": "uint8"}
+
+    def batches() -> Iterator[dict[str, np.ndarray]]:
+        for i, start in enumerate(range(0, n, BLOCK)):
+            m = min(BLOCK, n - start)
+            r = np.arange(start, start + m)
+            wy, wx = (r // nx).astype(np.int32), (r % nx).astype(np.int32)
+            yield {"fingerprint": blocks(i, m), "uid": make_uid(0, wy, wx), "source": np.zeros(m, np.int32),
+                   "wy": wy, "wx": wx, "x": wx * 256.0 + 128, "y": wy * 256.0 + 128,
+                   "lon": np.full(m, np.nan), "lat": np.full(m, np.nan)}
+
+    t0 = time.perf_counter()
+    with open_writer(path, s) as w:
+        w.append(entry, batches(), upper_bound=n)
+    return open_store(path), time.perf_counter() - t0
+
+
+def plain_stream_knn(store: Any, q: np.ndarray, k: int) -> np.ndarray:
+    """The item-4 baseline: one process, read each Zarr chunk in turn, numpy distances, keep k."""
+    fp, nrm = store.arrays["fingerprint"], store.arrays["norm2"]
+    c = int(fp.chunks[0])
+    best_d = np.full((len(q), 0), np.inf, np.float32)
+    best_r = np.empty((len(q), 0), np.int64)
+    for start in range(0, store.committed, c):
+        stop = min(start + c, store.committed)
+        x, n2 = fp[start:stop], nrm[start:stop]
+        d = n2[None, :] - 2 * (q @ x.T)
+        d = np.concatenate([best_d, d], axis=1)
+        r = np.concatenate([best_r, np.broadcast_to(np.arange(start, stop), (len(q), stop - start))], axis=1)
+        idx = np.argpartition(d, min(k, d.shape[1]) - 1, axis=1)[:, :k]
+        best_d, best_r = np.take_along_axis(d, idx, 1), np.take_along_axis(r, idx, 1)
+    return np.take_along_axis(best_r, np.argsort(best_d, axis=1), 1)
+
+
+# --------------------------------------------------------------------------- section 1
+
+
+def real_section(args: argparse.Namespace, client: Any) -> dict[str, Any]:
+    from dask_fp.index import IndexOptions, build_index, code_search, open_index
+    from dask_fp.scan import knn
+
+    real = cd.real_fingerprints(args.workdir / f"ucm_lite0_rot{args.rotations}.npy", rotations=args.rotations)
+    say(f"real: {real.shape[0]} EfficientNet-Lite0 fingerprints of UC Merced, {real.shape[1]}-d")
+    held = np.zeros(len(real), bool)
+    held[::42] = True  # ~100 queries, not in the store
+    q, x = real[held], real[~held]
+    out: dict[str, Any] = {"rows": len(x), "dim": real.shape[1], "queries": len(q), "recall": []}
+    st, _ = write_store(args.workdir / "real.zarr", lambda i, m: x[i * BLOCK : i * BLOCK + m], len(x), x.shape[1])
+    _, exact = knn(st.fingerprints(), st.norm2(), q, K)
+    for nbits in (int(b) for b in args.nbits.split(",")):
+        build_index(st.path, IndexOptions(nbits=nbits), client=client)
+        idx = open_index(st)
+        for c in (50, 100, 300, 1000):
+            _, r = code_search(st, q, K, index=idx, candidates=c)
+            out["recall"].append({"nbits": nbits, "bytes": nbits // 8, "candidates": c, "recall": recall(exact, r)})
+            say(f"  real {nbits} bits, {c} candidates: recall@10 {out['recall'][-1]['recall']:.3f}")
+    return out
+
+
+# --------------------------------------------------------------------------- section 2
+
+
+def faiss_rows(x: np.ndarray, qs: np.ndarray, truth: np.ndarray, timing_q: Callable[[int], np.ndarray],
+               repeats: int, hnsw_max: int) -> dict[str, Any]:
+    """FAISS flat, IVF-PQ (64 B codes) + exact refine and HNSW, each at its cheapest setting with recall >= 0.95."""
+    import faiss
+
+    faiss.omp_set_num_threads(2)
+    n, d = x.shape
+    res: dict[str, Any] = {}
+    flat = faiss.IndexFlatL2(d)
+    flat.add(x)
+    res["faiss_flat"] = {"s": median_s(lambda i: flat.search(timing_q(i), K), repeats)[0], "recall": 1.0}
+    flat.reset()  # free its copy of the vectors
+
+    def tune(index: Any, name: str, knobs: list[tuple[str, Callable[[], None]]], build_s: float, mem: float) -> None:
+        for label, setk in knobs:
+            setk()
+            r = recall(truth, index.search(qs, K)[1])
+            if r >= 0.95 or label == knobs[-1][0]:
+                res[name] = {"setting": label, "recall": r, "build_s": build_s, "bytes_per_tile": mem,
+                             "s": median_s(lambda i: index.search(timing_q(i), K), repeats)[0]}
+                say(f"  {name}: {label}, recall {r:.3f}, {res[name]['s'] * 1e3:.1f} ms, build {build_s:.0f} s")
+                return
+
+    nlist = int(4 * np.sqrt(n))
+    t0 = time.perf_counter()
+    ivf = faiss.index_factory(d, f"IVF{nlist},PQ64")
+    refine = faiss.IndexRefineFlat(ivf)  # exact re-rank of k_factor * k PQ candidates
+    refine.train(x[np.random.default_rng(0).choice(n, min(n, 50 * nlist), replace=False)])
+    refine.add(x)
+    b = time.perf_counter() - t0
+    ivfp = faiss.extract_index_ivf(ivf)
+
+    def knob(nprobe: int, kf: int) -> Callable[[], None]:
+        def f() -> None:
+            ivfp.nprobe = nprobe
+            refine.k_factor = kf
+        return f
+
+    tune(refine, "faiss_ivfpq_refine", [(f"nprobe {p}, k_factor {f}", knob(p, f))
+                                        for p in (4, 8, 16, 32, 64) for f in (4, 16)], b, 64 + 8)
+    refine.reset()
+    if n <= hnsw_max:
+        t0 = time.perf_counter()
+        h = faiss.IndexHNSWFlat(d, 32)
+        h.add(x)
+        b = time.perf_counter() - t0
+
+        def ef(e: int) -> Callable[[], None]:
+            def f() -> None:
+                h.hnsw.efSearch = e
+            return f
+
+        tune(h, "faiss_hnsw", [(f"M 32, efSearch {e}", ef(e)) for e in (16, 32, 64, 128, 256)], b, 32 * 2 * 4)
+        del h
+    return res
+
+
+def size_section(n: int, real512: np.ndarray, args: argparse.Namespace, client: Any) -> dict[str, Any]:
+    from dask_fp.index import IndexOptions, build_index, code_search, default_candidates, open_index
+    from dask_fp.scan import knn
+
+    gen = cd.Synthetic(real512, sigma=args.sigma, seed=n)
+    out: dict[str, Any] = {"rows": n, "dim": DIM}
+    st, out["store_write_s"] = write_store(args.workdir / f"syn-{n}.zarr", gen.block, n, DIM)
+    say(f"{n:,} rows: store written in {out['store_write_s']:.0f} s")
+    info = build_index(st.path, IndexOptions(nbits=512), client=client)
+    out["index_build_s"], out["code_bytes_per_tile"] = info["seconds"], info["nbits"] // 8
+    say(f"  index: {info['seconds']:.0f} s, {info['nbits'] // 8} B/tile")
+    qs = gen.queries(100, seed=1)
+
+    def fresh(i: int) -> np.ndarray:
+        return gen.queries(1, seed=1000 + i)
+
+    in_memory = n * DIM * 4 <= args.matrix_max_bytes
+    x = np.concatenate([gen.block(i, min(BLOCK, n - s)) for i, s in enumerate(range(0, n, BLOCK))]) if in_memory \
+        else None
+    if x is not None:
+        n2 = np.einsum("ij,ij->i", x, x)
+        truth = numpy_knn(x, n2, qs, K)
+        out["numpy_s"] = median_s(lambda i: numpy_knn(x, n2, fresh(i), K), args.repeats)[0]
+    else:
+        _, truth = knn(st.fingerprints(), st.norm2(), qs, K)
+    idx = open_index(st)
+    cand = default_candidates(K, n)
+    out["candidates"] = cand
+    out["codes_recall"] = {c: recall(truth, code_search(st, qs, K, index=idx, candidates=c)[1])
+                           for c in (100, 300, 1000, 3000)}
+    say(f"  codes recall@10 by candidates: {out['codes_recall']}")
+    reps_slow = max(3, args.repeats // 5)
+    out["exact_stream_s"] = median_s(lambda i: knn(st.fingerprints(), st.norm2(), fresh(i), K), reps_slow)[0]
+    out["plain_loop_s"] = median_s(lambda i: plain_stream_knn(st, fresh(i), K), reps_slow)[0]
+    say(f"  exact streamed {out['exact_stream_s']:.3f} s, plain loop {out['plain_loop_s']:.3f} s")
+    idx.persist()
+    out["codes_mem_fp_stream_s"] = median_s(lambda i: code_search(st, fresh(i), K, index=idx), args.repeats)[0]
+    if n * DIM * 4 <= args.cluster_bytes * 0.6:
+        st.persist()
+        out["exact_persisted_s"] = median_s(lambda i: knn(st.fingerprints(), st.norm2(), fresh(i), K), args.repeats)[0]
+        out["codes_persisted_s"] = median_s(lambda i: code_search(st, fresh(i), K, index=idx), args.repeats)[0]
+        st._persisted = None
+    else:
+        out["exact_persisted_s"] = out["codes_persisted_s"] = None
+        out["note"] = f"{n * DIM * 4 / 2**30:.1f} GiB of fingerprints exceed the cluster memory limit"
+    say(f"  codes (codes in memory, fingerprints streamed) {out['codes_mem_fp_stream_s']:.3f} s;"
+        f" persisted: exact {out['exact_persisted_s']}, codes {out['codes_persisted_s']}")
+    if x is not None:
+        out.update(faiss_rows(x, qs, truth, fresh, args.repeats, args.hnsw_max))
+    return out
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="45000,1000000", help="comma-separated store sizes (rows)")
+    p.add_argument("--repeats", type=int, default=10, help="fresh queries timed per method")
+    p.add_argument("--sigma", type=float, default=0.3, help="synthetic noise scale (x real covariance)")
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/dask-fp-bench-codes"))
+    p.add_argument("--memory-limit", default="4GiB", help="per worker (2 workers)")
+    p.add_argument("--matrix-max-bytes", type=float, default=4e9, help="largest matrix held in this process")
+    p.add_argument("--hnsw-max", type=int, default=1_000_000, help="largest size given an HNSW index")
+    p.add_argument("--skip-real", action="store_true")
+    p.add_argument("--rotations", type=int, default=1, help="UC Merced images also at 90° rotations (1..4)")
+    p.add_argument("--nbits", default="256,512,1024", help="code lengths tried on the real fingerprints")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, 3 repeats")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.sizes, a.repeats = "5000,20000", 3
+    return a
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    from dask.utils import parse_bytes
+    from distributed import Client, LocalCluster
+
+    args = parse(argv)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    args.cluster_bytes = 2 * parse_bytes(args.memory_limit)
+    results: dict[str, Any] = {"command": " ".join(sys.argv), "memory_limit_per_worker": args.memory_limit,
+                               "cluster": "LocalCluster 2 workers x 1 thread", "sigma": args.sigma}
+    with LocalCluster(n_workers=2, threads_per_worker=1, memory_limit=args.memory_limit,
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
+        if not args.skip_real:
+            results["real"] = real_section(args, client)
+            (args.workdir / "codes-results.json").write_text(json.dumps(results, indent=2, default=str))
+        real = cd.real_fingerprints(args.workdir / f"ucm_lite0_rot{args.rotations}.npy", rotations=args.rotations)
+        real512 = cd.reduce_dim(real, DIM)
+        sample = cd.Synthetic(real512, sigma=args.sigma).block(0, len(real512))
+        results["synthetic_vs_real"] = {
+            "nn_distance_real": cd.nn_distance(real512), "nn_distance_synthetic_same_n": cd.nn_distance(sample),
+            "total_variance_real": float(real512.var(axis=0).sum()),
+            "total_variance_synthetic": float(sample.var(axis=0).sum()),
+        }
+        say(f"synthetic vs real: {results['synthetic_vs_real']}")
+        path = args.workdir / "codes-results.json"
+        path.write_text(json.dumps(results, indent=2, default=str))  # after each section: partial runs keep results
+        results["sizes"] = []
+        for n in args.sizes.split(","):
+            results["sizes"].append(size_section(int(n), real512, args, client))
+            path.write_text(json.dumps(results, indent=2, default=str))
+    print(json.dumps(results, indent=2, default=str))
+    say(f"wrote {path}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

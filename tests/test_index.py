@@ -1,0 +1,159 @@
+"""The compact-code index in a store (dask_fp.index): build, extend, code search + exact re-rank.
+
+The oracle is the exact scan (dask_fp.scan.knn) and numpy brute force; stores are
+real Zarr on disk written through the store's writer, searched on a real LocalCluster.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dask_fp.cli import main
+from dask_fp.codes import encode
+from dask_fp.errors import QueryError, StoreError
+from dask_fp.index import (
+    IndexOptions,
+    build_index,
+    choose_method,
+    code_search,
+    default_candidates,
+    extend_index,
+    open_index,
+)
+from dask_fp.scan import knn
+from dask_fp.search import search
+from dask_fp.store import open_store, open_writer
+
+try:
+    from ._search_helpers import SourceSpec, brute_knn, build_store, chunk_rows, settings, source_entry, source_rows
+except ImportError:  # tests/ is not a package
+    from _search_helpers import SourceSpec, brute_knn, build_store, chunk_rows, settings, source_entry, source_rows
+
+DIM = 64
+SHAPE = (970, 1310)  # 29 x 39 windows of 64 px at stride 32
+
+
+def clustered_ints(n: int, seed: int, centres: int = 60) -> np.ndarray:
+    """Integer fingerprints around a few centres (exact float32 distances, real structure)."""
+    rng = np.random.default_rng(seed)
+    c = rng.integers(0, 12, (centres, DIM)) * np.linspace(3, 1, DIM).round()
+    return (c[rng.integers(0, centres, n)] + rng.integers(-1, 2, (n, DIM))).astype(np.float32)
+
+
+def spec(seed: int, path: str) -> SourceSpec:
+    keep = np.random.default_rng(seed).random((29, 39)) > 0.1
+    return SourceSpec(shape=SHAPE, keep=keep, path=path, fingerprints=clustered_ints(int(keep.sum()), seed))
+
+
+@pytest.fixture()
+def store_dir(tmp_path):
+    return build_store(tmp_path / "store", [spec(1, "a.tif"), spec(2, "b.tif")], dim=DIM,
+                       rows_per_chunk=256, seed=3)
+
+
+def append_source(built, seed: int, path: str) -> np.ndarray:
+    """Append one more source through the store writer, as ``dask_fp.ingest`` does."""
+    rng = np.random.default_rng(seed)
+    with chunk_rows(256), open_writer(built.path, settings(DIM)) as w:
+        index = w.next_source_index
+        s = spec(seed, path)
+        rows = source_rows(s, index, built.tiling, DIM, rng)
+        b = 97
+        batches = ({k: v[i : i + b] for k, v in rows.items()} for i in range(0, len(rows["uid"]), b))
+        w.append(source_entry(s, index), batches, upper_bound=29 * 39)
+    return rows["fingerprint"]
+
+
+def recall(truth: np.ndarray, got: np.ndarray) -> float:
+    return float(np.mean([len(set(a) & set(b)) / len(a) for a, b in zip(truth, got, strict=True)]))
+
+
+def test_build_writes_chunk_aligned_codes_of_every_row(client, store_dir):
+    info = build_index(store_dir.path, IndexOptions(nbits=64), client=client)
+    st = open_store(store_dir.path)
+    assert info["indexed"] == st.committed == len(store_dir.fingerprint)
+    idx = open_index(st)
+    codes = idx.codes_array
+    assert codes.shape == (st.committed, 8) and codes.dtype == np.uint8  # 8 B per tile
+    assert codes.chunks[0] == st.arrays["fingerprint"].chunks[0]
+    np.testing.assert_array_equal(codes[:], encode(store_dir.fingerprint, idx.params))
+    # The rest of the store does not see the index: it still opens and reads the same.
+    assert open_store(store_dir.path).committed == st.committed
+
+
+def test_code_search_reranks_exactly_and_recalls_on_structured_data(client, store_dir):
+    build_index(store_dir.path, IndexOptions(nbits=64), client=client)
+    st = store_dir.open()
+    x = store_dir.fingerprint
+    q = x[::37] + np.float32(0.5)
+    ed, er = knn(st.fingerprints(), st.norm2(), q, 10)
+    # Every row a candidate: the re-rank alone decides, so the answer is the exact one, ties included.
+    d_all, r_all = code_search(st, q, 10, candidates=len(x))
+    np.testing.assert_array_equal(r_all, er)
+    np.testing.assert_array_equal(d_all, ed)
+    # Default candidates: distances are the exact ones of the rows returned, sorted; recall high.
+    d, r = code_search(st, q, 10)
+    bd, _ = brute_knn(x, q, len(x))
+    exact_of_rows = ((q[:, None, :].astype(np.float64) - x[r].astype(np.float64)) ** 2).sum(-1)
+    np.testing.assert_array_equal(d, exact_of_rows.astype(np.float32))
+    assert (np.diff(d, axis=1) >= 0).all()
+    assert recall(er, r) >= 0.95
+    # A small candidate list still returns exact distances (possibly other rows).
+    d5, r5 = code_search(st, q, 10, candidates=10)
+    assert (d5 >= ed).all() and r5.shape == (len(q), 10)
+
+
+def test_stale_index_answers_exactly_for_new_rows_then_extends(client, store_dir):
+    build_index(store_dir.path, IndexOptions(nbits=64), client=client)
+    new = append_source(store_dir, 7, "c.tif")
+    st = store_dir.open()
+    x = np.concatenate([store_dir.fingerprint, new])
+    assert st.committed == len(x) and open_index(st).indexed == len(store_dir.fingerprint)
+    q = new[::29] + np.float32(0.25)  # queries whose neighbours are in the new, un-indexed rows
+    ed, er = knn(st.fingerprints(), st.norm2(), q, 10)
+    d, r = code_search(st, q, 10, candidates=len(x))
+    np.testing.assert_array_equal(r, er)
+    np.testing.assert_array_equal(d, ed)
+    assert extend_index(store_dir.path, client=client) == len(new)
+    assert extend_index(store_dir.path, client=client) == 0
+    idx = open_index(store_dir.open())
+    assert idx.indexed == len(x)
+    np.testing.assert_array_equal(idx.codes_array[:], encode(x, idx.params))
+    d, r = code_search(store_dir.open(), q, 10, candidates=len(x))
+    np.testing.assert_array_equal(r, er)
+
+
+def test_search_verb_with_codes_matches_exact(client, store_dir):
+    build_index(store_dir.path, IndexOptions(nbits=64), client=client)
+    st = store_dir.open()
+    uids = [int(u) for u in store_dir.cols["uid"][::150]]
+    exact = search(st, uids=uids, k=5, method="exact").table
+    codes = search(st, uids=uids, k=5, method="codes", candidates=st.committed).table
+    assert exact[["query", "rank", "uid", "distance"]].equals(codes[["query", "rank", "uid", "distance"]])
+
+
+def test_no_index_bad_method_and_auto_choice(store_dir):
+    st = store_dir.open()
+    with pytest.raises(StoreError, match="no compact-code index.*dask-fp index"):
+        code_search(st, store_dir.fingerprint[:1], 5)
+    with pytest.raises(QueryError, match="method"):
+        choose_method(st, "fast")
+    assert choose_method(st, "auto") == "exact"  # small store, no index
+    with pytest.raises(QueryError, match="nbits"):
+        build_index(store_dir.path, IndexOptions(nbits=128))  # more bits than 64 dimensions
+    assert default_candidates(10, 50) == 50 and default_candidates(10, 10**6) == 1000
+
+
+def test_cli_index_and_query_method(client, store_dir, capsys):
+    addr = client.scheduler.address
+    assert main(["index", str(store_dir.path), "--nbits", "64", "--scheduler", addr]) == 0
+    assert f"{len(store_dir.fingerprint)} rows, 64 bits (8 B/tile)" in capsys.readouterr().out
+    uid = str(int(store_dir.cols["uid"][5]))
+    assert main(["query", str(store_dir.path), "--uid", uid, "--method", "codes", "--json", "--scheduler", addr]) == 0
+    out = capsys.readouterr()
+    assert "method codes" in out.err and '"hits"' in out.out
+    append_source(store_dir, 9, "d.tif")
+    assert main(["index", str(store_dir.path), "--extend", "--scheduler", addr]) == 0
+    assert "encoded" in capsys.readouterr().out
+    assert main(["index", str(store_dir.path) + "-missing", "--scheduler", addr]) == 1
