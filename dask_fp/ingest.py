@@ -23,7 +23,7 @@ from .fingerprint import block_tasks
 from .models import ModelOptions, ResolvedWeights, get_spec, precision_label, resolve_weights
 from .pipeline import Pipeline, SourceJob, in_flight, progress_printer
 from .raster import RasterOptions, RasterSpec, file_sha256, inspect_raster, open_raster
-from .store import StoreSettings, open_writer
+from .store import StoreSettings, open_store, open_writer
 from .store.region import SourceGeo
 from .tiling import Tiling, grid_shape
 
@@ -44,6 +44,7 @@ class IngestReport:
     store: str
     sources: list[SourceReport] = field(default_factory=list)
     client_bytes: int = 0  # result bytes the client received (block counts, write acknowledgements)
+    indexed: int = 0  # rows added to the store's compact-code index (0 without an index)
 
     @property
     def tiles(self) -> int:
@@ -150,6 +151,12 @@ def ingest(
                 close()
         writer.finish()
         report.client_bytes = pipe.received + hash_bytes
+        if jobs:  # the compact-code index (if the store has one) follows, still under the lock
+            from .index import extend_index, has_index
+
+            st = open_store(store)
+            if has_index(st):
+                report.indexed = extend_index(st, client=client)
     for spec, slot in zip(specs, slots, strict=True):
         if slot is None:
             report.sources.append(SourceReport(spec.path, -1, 0, 0, 0, 0.0, skipped=True))

@@ -157,3 +157,23 @@ def test_cli_index_and_query_method(client, store_dir, capsys):
     assert main(["index", str(store_dir.path), "--extend", "--scheduler", addr]) == 0
     assert "encoded" in capsys.readouterr().out
     assert main(["index", str(store_dir.path) + "-missing", "--scheduler", addr]) == 1
+
+
+def test_ingest_extends_the_index_of_the_store_it_appends_to(client, tmp_path):
+    """A real ingest into an indexed store encodes its new rows with the trained code (no rebuild)."""
+    from conftest import textured, write_tif
+
+    import dask_fp
+
+    kw = dict(model=dask_fp.ModelOptions("resnet18", weights="random", seed=5, threads=1),
+              tiling=dask_fp.Tiling(64, 32), client=client, progress=False)
+    out = tmp_path / "s.zarr"
+    dask_fp.ingest([str(write_tif(tmp_path / "a.tif", textured(320, 320, seed=1)))], str(out), **kw)
+    build_index(out, IndexOptions(nbits=64), client=client)
+    before = open_index(open_store(out))
+    report = dask_fp.ingest([str(write_tif(tmp_path / "b.tif", textured(192, 192, seed=2)))], str(out), **kw)
+    st = open_store(out)
+    idx = open_index(st)
+    assert report.indexed == 5 * 5 and idx.indexed == st.committed == 9 * 9 + 5 * 5
+    np.testing.assert_array_equal(idx.params.projection, before.params.projection)  # extended, not retrained
+    np.testing.assert_array_equal(idx.codes_array[:], encode(np.asarray(st.arrays["fingerprint"][:]), idx.params))
