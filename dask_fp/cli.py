@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-k", type=int, default=10, help="hits per query")
     q.add_argument("--no-dedup", action="store_true", help="keep overlapping hits")
     q.add_argument("--include-self", action="store_true", help="keep the query's own tiles")
-    q.add_argument("--out", metavar="DIR", help="write hits.csv, hits.geojson and mosaics here")
+    q.add_argument("--out", metavar="DIR", help="write hits, mosaics, places (GeoJSON, GeoParquet) and score COGs here")
     q.add_argument("--json", action="store_true")
     q.add_argument("--weights", metavar="PATH|random", help="weights for image queries (default: the store's)")
     q.add_argument("--persist", action="store_true", help="load the store into cluster memory first")
