@@ -6,6 +6,7 @@ Importing the package has no side effects: no cluster starts, no model loads.
 from __future__ import annotations
 
 from ._version import __version__
+from .classify import classify  # noqa: E402
 from .errors import (  # noqa: E402
     ClusterError,
     DaskFpError,
@@ -26,5 +27,5 @@ from .tiling import Tiling, make_uid, split_uid  # noqa: E402
 __all__ = [
     "ClusterError", "DaskFpError", "Hits", "IngestReport", "Query", "ModelOptions", "QueryError", "RasterError",
     "RasterOptions", "Store", "StoreError", "StoreLockedError", "StoreMismatchError", "Tiling",
-    "WeightsError", "__version__", "embed", "ingest", "make_uid", "open_store", "search", "split_uid",
+    "WeightsError", "__version__", "classify", "embed", "ingest", "make_uid", "open_store", "search", "split_uid",
 ]

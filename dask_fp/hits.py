@@ -13,17 +13,28 @@ if TYPE_CHECKING:
     from .query import Query
     from .store import Store
 
-TABLE_COLUMNS = ["query", "label", "rank", "uid", "distance", "source", "path", "wy", "wx",
+TABLE_COLUMNS = ["query", "label", "rank", "uid", "distance", "score", "source", "path", "wy", "wx",
                  "x", "y", "lon", "lat", "row"]
 
 
 class Hits:
-    """Search results: a table with one row per (query, rank), and helpers to look at them."""
+    """Search results: a table with one row per (query, rank), and helpers to look at them.
 
-    def __init__(self, table: pd.DataFrame, queries: list[Query], store: Store) -> None:
+    ``rank_by`` names the column that ranks the hits: ``"distance"`` (k-NN
+    search, squared Euclidean, lower is better; ``score`` is NaN) or
+    ``"score"`` (classifier probability, higher is better; ``distance`` is NaN).
+    """
+
+    def __init__(self, table: pd.DataFrame, queries: list[Query], store: Store, *,
+                 rank_by: str = "distance") -> None:
+        if rank_by not in ("distance", "score"):
+            raise ValueError(f"rank_by must be 'distance' or 'score', got {rank_by!r}")
         self.table = table
         self.queries = queries
         self.store = store
+        self.rank_by = rank_by
+        #: The fitted estimator behind classifier hits (None for k-NN hits).
+        self.classifier: Any = None
 
     def __len__(self) -> int:
         return len(self.table)

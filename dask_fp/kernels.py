@@ -9,6 +9,8 @@ results equal a brute-force sort on (distance, row).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -62,18 +64,107 @@ def chunk_distances(x: np.ndarray, norm2: np.ndarray, q: np.ndarray, qnorm2: np.
     return d
 
 
+@dataclass(frozen=True)
+class RowFilter:
+    """Which stored rows a pass may return: an area and/or a set of sources.
+
+    A row is kept when its source is in ``sources`` (all sources if None)
+    and its stored window centre lies in ``geometry`` (boundary included;
+    everywhere if None). ``geometry`` is a shapely geometry in ``crs``
+    (a WKT/authority string; None means WGS84 longitude/latitude, x = lon):
+    the rows' stored ``lon``/``lat`` are transformed into ``crs`` before the
+    test, so the test is exact in the area's own CRS. Rows without a CRS
+    (NaN lon/lat) are never inside an area.
+    """
+
+    geometry: Any = None
+    crs: str | None = None
+    sources: tuple[int, ...] | None = None
+
+    def mask(self, lon: np.ndarray, lat: np.ndarray, source: np.ndarray) -> np.ndarray:
+        """Boolean keep-mask of rows with these centres and sources."""
+        lon, lat, source = np.ravel(lon), np.ravel(lat), np.ravel(source)
+        keep = np.ones(lon.shape, dtype=bool)
+        if self.sources is not None:
+            keep &= np.isin(source, np.asarray(self.sources, dtype=source.dtype))
+        if self.geometry is not None and keep.any():
+            import shapely
+
+            idx = np.flatnonzero(keep)
+            x, y = lon[idx], lat[idx]
+            if self.crs is not None:
+                x, y = _to_crs(self.crs).transform(x, y)
+            shapely.prepare(self.geometry)
+            keep[idx] = shapely.intersects_xy(self.geometry, np.asarray(x), np.asarray(y))
+        return keep
+
+
+@lru_cache(maxsize=16)
+def _to_crs(crs: str) -> Any:
+    from pyproj import Transformer
+
+    return Transformer.from_crs("EPSG:4326", crs, always_xy=True)
+
+
+def _filtered(block: Sequence[np.ndarray], where: RowFilter | None, n_data: int) -> list[np.ndarray]:
+    """The block's first ``n_data`` arrays (the first a 2-D ``x``, the rest flattened columns),
+    rows outside ``where`` dropped.
+
+    With a filter, the block carries ``lon, lat, source`` after the data arrays.
+    """
+    data = [block[0], *(b.ravel() for b in block[1:n_data])]
+    if where is None:
+        return data
+    keep = where.mask(*block[n_data : n_data + 3])
+    if keep.all():
+        return data
+    return [d[keep] for d in data]
+
+
 def knn_chunk(
-    block: tuple[np.ndarray, np.ndarray, np.ndarray],
+    block: tuple[np.ndarray, ...],
     *,
     q: np.ndarray,
     qnorm2: np.ndarray,
     m: int,
+    where: RowFilter | None = None,
     axis: Any = None,
     keepdims: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Chunk step: a block ``(x, norm2, rows)`` → each query's ``m`` best pairs."""
-    x, norm2, rows = block
-    return top_m(chunk_distances(x, norm2.ravel(), q, qnorm2), rows.ravel().astype(np.int64), m)
+    """Chunk step: a block ``(x, norm2, rows[, lon, lat, source])`` → each query's ``m`` best pairs.
+
+    Rows outside ``where`` are dropped before the distances (a chunk wholly
+    outside costs only the mask).
+    """
+    x, norm2, rows = _filtered(block, where, 3)
+    return top_m(chunk_distances(x, norm2, q, qnorm2), rows.astype(np.int64), m)
+
+
+def score_chunk(
+    block: tuple[np.ndarray, ...],
+    *,
+    coef: np.ndarray,
+    intercept: float,
+    m: int,
+    min_logit: float | None,
+    where: RowFilter | None = None,
+    axis: Any = None,
+    keepdims: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Chunk step of the classifier pass: linear scores (logits) of a block's rows.
+
+    Returns ``(-logit, rows)`` of shape ``(1, ≤ m)`` sorted by (−logit, row), i.e.
+    the best first, in the same form as :func:`knn_chunk` so :func:`knn_merge`
+    merges them. ``min_logit`` (if given) drops rows scoring below it first.
+    Scores are computed in float64.
+    """
+    x, rows = _filtered(block, where, 2)
+    s = x.astype(np.float64) @ np.asarray(coef, dtype=np.float64) + float(intercept)
+    rows = rows.astype(np.int64)
+    if min_logit is not None:
+        sel = s >= min_logit
+        s, rows = s[sel], rows[sel]
+    return top_m(-s[None, :], rows, m)
 
 
 def knn_merge(
@@ -130,10 +221,15 @@ def dedup_mask(
     return keep
 
 
-def candidates_needed(k: int, tiling: Tiling, *, dedup: bool, from_store: bool) -> int:
-    """How many raw neighbours to fetch so ``k`` survive de-duplication."""
+def candidates_needed(k: int, tiling: Tiling, *, dedup: bool, from_store: bool, n_own: int = 1) -> int:
+    """How many raw neighbours to fetch so ``k`` survive de-duplication.
+
+    ``n_own`` is how many stored tiles are excluded (a query's own tile, or
+    every labelled tile of a combined query) when ``from_store``.
+    """
+    own = max(int(n_own), 1) if from_store else 0
     if not dedup:
-        return k + (1 if from_store else 0)
+        return k + own
     block = (2 * tiling.reach + 1) ** 2
-    return k * block + (block if from_store else 0)
+    return k * block + own * block
 

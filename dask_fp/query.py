@@ -22,12 +22,21 @@ from .tiling import Tiling, grid_shape, split_uid, windows_covering
 
 @dataclass(frozen=True)
 class Query:
-    """One query: a fingerprint, and the store tile it came from (if any)."""
+    """One query: a fingerprint, and the store tile it came from (if any).
+
+    ``exclude`` lists further stored tiles ``(source, wy, wx)`` left out of
+    its hits like its own tile (the labelled tiles of a combined query).
+    """
 
     label: str
     vector: np.ndarray
     own: tuple[int, int, int] | None = None  # (source, wy, wx) when taken from the store
     pixels: np.ndarray | None = None  # (T, T, 3) uint8 for image queries
+    exclude: tuple[tuple[int, int, int], ...] = ()
+
+    def excluded(self) -> list[tuple[int, int, int]]:
+        """Every stored tile this query leaves out of its hits (its own, then ``exclude``)."""
+        return ([self.own] if self.own is not None else []) + list(self.exclude)
 
 
 def load_query_image(path: str | os.PathLike[str], tile: int) -> np.ndarray:

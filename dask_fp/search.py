@@ -13,20 +13,58 @@ leaves ``k`` distinct hits when the store has them.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
 
 from .errors import DaskFpError, QueryError, StoreError
+from .examples import BETA, Example, as_examples, combined_query
+from .filters import Area, filter_columns, make_filter
 from .hits import TABLE_COLUMNS, Hits
-from .kernels import candidates_needed, dedup_mask
+from .kernels import RowFilter, candidates_needed, dedup_mask
 from .models import ModelOptions
 from .query import Query, image_queries, lonlat_queries, store_tiling, uid_queries
 from .scan import knn
 from .store import Store, open_store
+from .tiling import Tiling
 
 __all__ = ["Hits", "Query", "TABLE_COLUMNS", "knn", "search"]
+
+T = TypeVar("T")
+
+
+def reading(st: Store, fn: Callable[[], T]) -> T:
+    """Run a pass over the store; an unexpected failure inside it becomes a StoreError naming the store."""
+    try:
+        return fn()
+    except DaskFpError:
+        raise
+    except Exception as e:  # a damaged chunk (bad bytes) fails inside the codec, on a worker
+        raise StoreError(
+            f"{st.path}: reading the stored fingerprints failed ({type(e).__name__}: {e}). The store"
+            " may be damaged (run `dask-fp info` on it), or the cluster lost its workers."
+        ) from None
+
+
+def keep_mask(src: np.ndarray, wy: np.ndarray, wx: np.ndarray, *, tiling: Tiling, dedup: bool,
+              exclude: list[tuple[int, int, int]]) -> np.ndarray:
+    """Which of a ranked hit list to keep: de-duplicated, without the ``exclude`` tiles."""
+    if dedup:
+        return dedup_mask(src, wy, wx, tiling=tiling, exclude=exclude)
+    if not exclude:
+        return np.ones(len(src), dtype=bool)
+    ex = set(exclude)
+    return np.array([(int(s), int(y), int(x)) not in ex for s, y, x in zip(src, wy, wx, strict=True)], dtype=bool)
+
+
+def no_hits_in_area(st: Store, where: RowFilter | None, area: Any) -> None:
+    """Refuse an area filter that keeps no stored tile (most often a CRS or x/y-order mistake)."""
+    raise QueryError(
+        f"no stored tile centre of {st.path} lies in the area/sources given (area {area!r}); check the"
+        " area's CRS (area_crs / --area-crs) and its x/y order, and `dask-fp info` for the sources."
+    )
 
 
 def search(
@@ -36,9 +74,15 @@ def search(
     images: Sequence[str] = (),
     uids: Sequence[int] = (),
     lonlats: Sequence[tuple[float, float]] = (),
+    positives: Sequence[Example] = (),
+    negatives: Sequence[Example] = (),
     k: int = 10,
     dedup: bool = True,
     include_self: bool = False,
+    area: Area | None = None,
+    area_crs: Any = None,
+    sources: Iterable[int | str | os.PathLike[str]] | None = None,
+    beta: float = BETA,
     model: ModelOptions | None = None,
     split_every: int | None = None,
 ) -> Hits:
@@ -48,54 +92,79 @@ def search(
     ----------
     store : Store or path
     queries : list of Query, optional
-        Ready-made queries; ``images``, ``uids`` and ``lonlats`` add more.
+        Ready-made queries; ``images``, ``uids`` and ``lonlats`` add one query per example.
+    positives, negatives : sequences of examples
+        Together ONE combined query (labelled e.g. "5 positives, 2 negatives"),
+        added to the batch. An example is a uid (int), a picture path, a
+        ``(lon, lat)`` pair, a shapely geometry in WGS84 (a polygon means every
+        stored tile whose centre lies in it), or a ``.geojson``/``.gpkg`` file of
+        points and polygons. The query is ``mean(P) + beta * (mean(P) - mean(N))``
+        (:mod:`dask_fp.examples` explains the rule). The labelled tiles are left
+        out of its hits like a query's own tile (unless ``include_self``).
     k : int
         Hits per query (all tiles, sorted, when the store has fewer).
     dedup : bool
         Drop hits that overlap a better hit of the same source.
     include_self : bool
         Keep the query's own tile (and, with ``dedup``, its overlapping tiles).
+    area : shapely geometry, (minx, miny, maxx, maxy) or path, optional
+        Only tiles whose stored centre lies in the area (boundary included) are
+        hits. A bbox or geometry is in ``area_crs``; a vector file in its own CRS.
+        Tiles of sources without a CRS are never in an area.
+    area_crs : CRS input for pyproj, optional
+        The CRS of ``area`` (default WGS84 longitude/latitude, x = lon).
+    sources : iterable of int or path, optional
+        Only tiles of these sources (indices or paths as ``dask-fp info`` lists them).
+    beta : float
+        Weight of the negatives in the combined query.
+
+    Notes
+    -----
+    Area and source filters are applied inside the same distributed pass (each
+    chunk task masks its rows before the distances), so a filtered search costs
+    no more than an unfiltered one. With a filter, fewer than ``k`` hits come back
+    when fewer tiles pass it; a filter that keeps no tile at all is a QueryError.
     """
-    if not isinstance(k, int | np.integer) or k < 1:
+    if not isinstance(k, int | np.integer) or isinstance(k, bool) or k < 1:
         raise QueryError(f"k must be a whole number >= 1, got {k!r}")
     st = store if isinstance(store, Store) else open_store(store)
+    where = make_filter(st, area, area_crs, sources)
     qs = list(queries or [])
     qs += image_queries(st, list(images), model)
     qs += uid_queries(st, list(uids))
     qs += lonlat_queries(st, list(lonlats))
+    pos_ex, neg_ex = as_examples(positives), as_examples(negatives)
+    if pos_ex or neg_ex:
+        qs.append(combined_query(st, pos_ex, neg_ex, beta=beta, model=model))
     if not qs:
-        raise QueryError("no query given: pass an image, a uid or a lon/lat point.")
+        raise QueryError("no query given: pass an image, a uid, a lon/lat point or positives.")
     tiling = store_tiling(st)
-    from_store = any(q.own is not None for q in qs) and not include_self
-    m = candidates_needed(int(k), tiling, dedup=dedup, from_store=from_store)
+    n_own = max(len(q.excluded()) for q in qs)
+    from_store = n_own > 0 and not include_self
+    m = candidates_needed(int(k), tiling, dedup=dedup, from_store=from_store, n_own=n_own)
     vecs = np.stack([q.vector for q in qs]).astype(np.float32)
-    try:
-        dist, rows = knn(st.fingerprints(), st.norm2(), vecs, m, split_every=split_every)
-        flat = np.unique(rows)
-        meta = st.coords(flat)
-    except DaskFpError:
-        raise
-    except Exception as e:  # a damaged chunk (bad bytes) fails inside the codec, on a worker
-        raise StoreError(
-            f"{st.path}: reading the stored fingerprints failed ({type(e).__name__}: {e}). The store"
-            " may be damaged (run `dask-fp info` on it), or the cluster lost its workers."
-        ) from None
+
+    def run() -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        d, r = knn(st.fingerprints(), st.norm2(), vecs, m, split_every=split_every, where=where,
+                   columns=filter_columns(st, where))
+        f = np.unique(r)
+        return d, r, f, st.coords(f)
+
+    dist, rows, flat, meta = reading(st, run)
+    if where is not None and rows.shape[1] == 0:
+        no_hits_in_area(st, where, area if area is not None else sources)
     pos = {int(r): i for i, r in enumerate(flat)}
     paths = {s["index"]: s["path"] for s in st.sources}
     records = []
     for qi, q in enumerate(qs):
         idx = np.array([pos[int(r)] for r in rows[qi]], dtype=np.int64)
         src, wy, wx = meta["source"][idx], meta["wy"][idx], meta["wx"][idx]
-        keep = np.ones(len(idx), dtype=bool)
-        own = [q.own] if (q.own is not None and not include_self) else []
-        if dedup:
-            keep = dedup_mask(src, wy, wx, tiling=tiling, exclude=own)
-        elif own:
-            keep = ~((src == own[0][0]) & (wy == own[0][1]) & (wx == own[0][2]))
+        own = q.excluded() if not include_self else []
+        keep = keep_mask(src, wy, wx, tiling=tiling, dedup=dedup, exclude=own)
         sel = np.flatnonzero(keep)[: int(k)]
         for rank, j in enumerate(sel, start=1):
             i = idx[j]
-            records.append((qi, q.label, rank, int(meta["uid"][i]), float(dist[qi, j]), int(src[j]),
+            records.append((qi, q.label, rank, int(meta["uid"][i]), float(dist[qi, j]), np.nan, int(src[j]),
                             paths.get(int(src[j]), ""), int(wy[j]), int(wx[j]), float(meta["x"][i]),
                             float(meta["y"][i]), float(meta["lon"][i]), float(meta["lat"][i]), int(rows[qi, j])))
     table = pd.DataFrame.from_records(records, columns=TABLE_COLUMNS)

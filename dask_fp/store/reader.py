@@ -100,6 +100,15 @@ class Store:
 
         return da.from_zarr(self.arrays["norm2"], chunks=self.task_rows)[: self.committed]
 
+    def column(self, name: str) -> Any:
+        """A committed per-tile array (``lon``, ``lat``, ``source``, …) as a dask array ``(tile,)``,
+        chunked like :meth:`fingerprints`."""
+        import dask.array as da
+
+        if name not in COORDS:
+            raise StoreError(f"{self.path}: no per-tile column {name!r}; columns are {', '.join(COORDS)}.")
+        return da.from_zarr(self.arrays[name], chunks=self.task_rows)[: self.committed]
+
     @property
     def task_rows(self) -> int:
         """Rows per query task: ``task_chunks`` Zarr chunks (fewer, larger tasks)."""

@@ -1,0 +1,305 @@
+"""Tests of many-example queries (positives/negatives) and area/source filters.
+
+Oracles are independent numpy/shapely brute force: the Rocchio vector is
+computed here from the written fingerprints, distances by
+``_search_helpers.brute_knn``, and area membership point by point with
+``shapely.Point.intersects`` after a pyproj transform. Integer fingerprints
+and 4 positives / 2 negatives make every float32 distance exact.
+"""
+
+from __future__ import annotations
+
+import json
+
+import dask
+import numpy as np
+import pytest
+import shapely
+from pyproj import Transformer
+from shapely.geometry import Point, box
+
+from dask_fp import classify, search
+from dask_fp.errors import QueryError
+from dask_fp.examples import combined_query, rocchio
+from dask_fp.kernels import RowFilter, knn_chunk, knn_merge
+from dask_fp.tiling import windows_overlap
+
+try:
+    from ._search_helpers import UTM17, SourceSpec, brute_knn, build_store
+except ImportError:  # tests/ is not a package
+    from _search_helpers import UTM17, SourceSpec, brute_knn, build_store
+
+# --------------------------------------------------------------------------- oracles
+
+
+def inside(geom, lon, lat, crs=None):
+    """Point-by-point membership (boundary included), after transforming lon/lat to ``crs``."""
+    x, y = np.asarray(lon), np.asarray(lat)
+    if crs is not None:
+        x, y = Transformer.from_crs("EPSG:4326", crs, always_xy=True).transform(x, y)
+    return np.array([bool(np.isfinite(a) and np.isfinite(b) and Point(a, b).intersects(geom))
+                     for a, b in zip(x, y, strict=True)], dtype=bool)
+
+
+def brute_ranked(fp, q, allowed):
+    """All allowed rows ranked for one query by (squared distance, row), float64."""
+    rows = np.flatnonzero(allowed)
+    d, r = brute_knn(fp[rows], q[None], len(rows), rows=rows)
+    return d[0], r[0]
+
+
+# --------------------------------------------------------------------------- store
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A UTM 17N source (some windows dropped) and a source without a CRS; 37-row chunks (uneven)."""
+    rng = np.random.default_rng(21)
+    keep0 = rng.random((19, 25)) > 0.1
+    sources = [SourceSpec(shape=(640, 832), keep=keep0, path="a.tif"),
+               SourceSpec(shape=(320, 384), crs=None, transform=(1, 0, 0, 0, 1, 0), path="b.tif")]
+    return build_store(tmp_path_factory.mktemp("examples") / "store", sources, dim=12, rows_per_chunk=37,
+                       seed=21)
+
+
+def _rows(built, source, n, rng):
+    return sorted(rng.choice(np.flatnonzero(built.cols["source"] == source), n, replace=False).tolist())
+
+
+# --------------------------------------------------------------------------- kernels (no Dask)
+
+
+def test_row_filter_mask_matches_pointwise_oracle():
+    rng = np.random.default_rng(0)
+    lon = rng.uniform(-81.2, -80.8, 500)
+    lat = rng.uniform(31.5, 31.8, 500)
+    lon[:5] = np.nan
+    lat[:5] = np.nan
+    src = rng.integers(0, 3, 500).astype(np.int32)
+    poly = shapely.Polygon([(-81.1, 31.55), (-80.9, 31.6), (-80.95, 31.75), (-81.15, 31.7)])
+    # the same area in UTM 17N: the test transforms the centres, not the polygon
+    utm = box(480_000, 3_500_000, 500_000, 3_520_000)
+    lon[5], lat[5] = -80.9, 31.6  # a centre on a vertex of the polygon counts as inside
+    for f, exp in [
+        (RowFilter(geometry=poly), inside(poly, lon, lat)),
+        (RowFilter(geometry=utm, crs=UTM17), inside(utm, lon, lat, UTM17)),
+        (RowFilter(sources=(0, 2)), np.isin(src, [0, 2])),
+        (RowFilter(geometry=poly, sources=(1,)), inside(poly, lon, lat) & (src == 1)),
+    ]:
+        got = f.mask(lon, lat, src)
+        np.testing.assert_array_equal(got, exp)
+    assert inside(poly, lon, lat)[5] and not shapely.contains_xy(poly, lon[5], lat[5])
+    assert 0 < inside(poly, lon, lat).sum() < 495
+
+
+def test_knn_chunk_with_filter_equals_brute_force_over_kept_rows():
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 4, (200, 6)).astype(np.float32)
+    q = rng.integers(0, 4, (3, 6)).astype(np.float32)
+    lon, lat = rng.uniform(0, 1, 200), rng.uniform(0, 1, 200)
+    src = rng.integers(0, 2, 200).astype(np.int32)
+    f = RowFilter(geometry=box(0.2, 0.1, 0.7, 0.8), sources=(1,))
+    keep = inside(f.geometry, lon, lat) & (src == 1)
+    rows = np.arange(1000, 1200)
+    n2 = (x * x).sum(1)
+    parts = [knn_chunk((x[a:b], n2[a:b, None], rows[a:b, None], lon[a:b, None], lat[a:b, None],
+                        src[a:b, None]), q=q, qnorm2=(q * q).sum(1), m=9, where=f)
+             for a, b in [(0, 13), (13, 14), (14, 150), (150, 200)]]
+    d, r = knn_merge(parts, m=9)
+    ed, er = brute_knn(x[keep], q, 9, rows=rows[keep])
+    np.testing.assert_array_equal(r, er)
+    np.testing.assert_array_equal(d, ed.astype(np.float32))
+    # a filter that keeps nothing: empty candidate lists, not an error
+    none = knn_chunk((x, n2[:, None], rows[:, None], lon[:, None], lat[:, None], src[:, None]), q=q,
+                     qnorm2=(q * q).sum(1), m=5, where=RowFilter(sources=(7,)))
+    assert none[0].shape == none[1].shape == (3, 0)
+
+
+def test_rocchio_rule():
+    p = np.array([[0.0, 4], [2, 0], [4, 4], [2, 0]])
+    n = np.array([[0.0, 0], [4, 0]])
+    # mean(P) = (2, 2); mean(N) = (2, 0); q = (2, 2) + 0.5 * (0, 2)
+    np.testing.assert_array_equal(rocchio(p, n), [2, 3])
+    np.testing.assert_array_equal(rocchio(p, n[:0]), [2, 2])
+    np.testing.assert_array_equal(rocchio(p, n, beta=0), [2, 2])
+
+
+# --------------------------------------------------------------------------- combined queries
+
+
+def test_positives_and_negatives_by_uid_match_brute_force(client, store):
+    st = store.open()
+    fp = store.fingerprint
+    rng = np.random.default_rng(2)
+    prow, nrow = _rows(store, 0, 4, rng), _rows(store, 1, 2, rng)
+    uid = store.cols["uid"]
+    with dask.config.set(scheduler=client):
+        hits = search(st, positives=[int(uid[r]) for r in prow], negatives=[int(uid[r]) for r in nrow],
+                      k=15, dedup=False, split_every=3)
+    q = fp[prow].mean(0) + 0.5 * (fp[prow].mean(0) - fp[nrow].mean(0))
+    allowed = np.ones(len(fp), bool)
+    allowed[prow + nrow] = False  # labelled tiles are excluded
+    d, r = brute_ranked(fp, q, allowed)
+    t = hits.table
+    assert set(t["label"]) == {"4 positives, 2 negatives"} and len(hits.queries) == 1
+    np.testing.assert_array_equal(t["row"], r[:15])
+    np.testing.assert_array_equal(t["distance"], d[:15].astype(np.float32))
+    np.testing.assert_array_equal(t["uid"], uid[r[:15]])
+    assert t["score"].isna().all() and hits.rank_by == "distance"
+
+
+def test_combined_query_in_a_batch_is_one_pass(store):
+    st = store.open()
+    fp = store.fingerprint
+    uid = store.cols["uid"]
+    hits = search(st, uids=[int(uid[3])], positives=[int(uid[10]), int(uid[20])], k=4, dedup=False)
+    assert [q.label for q in hits.queries] == [f"uid {int(uid[3])}", "2 positives"]
+    allowed = np.ones(len(fp), bool)
+    allowed[[10, 20]] = False
+    d, r = brute_ranked(fp, fp[[10, 20]].mean(0), allowed)
+    np.testing.assert_array_equal(hits.for_query(1)["row"], r[:4])
+
+
+def test_dedup_drops_tiles_overlapping_any_labelled_tile(store):
+    st = store.open()
+    uid = store.cols["uid"]
+    labelled = [5, 60, 200]
+    hits = search(st, positives=[int(uid[r]) for r in labelled[:2]], negatives=[int(uid[labelled[2]])], k=12)
+    t = hits.table
+    assert len(t) == 12
+    tl = store.tiling
+    for r in labelled:
+        s, y, x = store.cols["source"][r], store.cols["wy"][r], store.cols["wx"][r]
+        same = t["source"].to_numpy() == s
+        ov = windows_overlap(t["wy"].to_numpy(), t["wx"].to_numpy(), y, x, tile=tl.tile, stride=tl.stride)
+        assert not (same & ov).any()
+
+
+def test_polygon_point_and_vector_file_examples(store, tmp_path):
+    import geopandas as gpd
+
+    st = store.open()
+    fp = store.fingerprint
+    lon, lat = store.cols["lon"], store.cols["lat"]
+    a = np.flatnonzero(store.cols["source"] == 0)
+    # a polygon around a handful of tile centres of source 0
+    c = np.array([lon[a[40]], lat[a[40]]])
+    poly = box(c[0] - 2e-4, c[1] - 2e-4, c[0] + 2e-4, c[1] + 2e-4)
+    in_poly = np.flatnonzero(inside(poly, lon, lat))
+    assert 2 <= len(in_poly) <= 30
+    pt_row = int(a[300])
+    point = (float(lon[pt_row]), float(lat[pt_row]))
+    neg_row = int(a[100])
+    exp_q = combined_query(st, [poly, point], [int(store.cols["uid"][neg_row])]).vector
+    pos_rows = np.union1d(in_poly, [pt_row])
+    oracle_q = fp[pos_rows].mean(0) + 0.5 * (fp[pos_rows].mean(0) - fp[neg_row])
+    np.testing.assert_allclose(exp_q, oracle_q, rtol=1e-6)
+    # the same examples as a GeoJSON file (WGS84) and as a GeoPackage in UTM
+    gj = tmp_path / "pos.geojson"
+    gj.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": shapely.geometry.mapping(g), "properties": {}}
+        for g in (poly, Point(point))]}))
+    gpkg = tmp_path / "pos.gpkg"
+    gpd.GeoDataFrame(geometry=[poly, Point(point)], crs="EPSG:4326").to_crs(UTM17).to_file(gpkg)
+    for f in (gj, gpkg):
+        hits = search(st, positives=[f], negatives=[int(store.cols["uid"][neg_row])], k=5, dedup=False)
+        q = combined_query(st, [f], [int(store.cols["uid"][neg_row])])
+        np.testing.assert_allclose(q.vector, oracle_q, rtol=1e-5, atol=1e-5)
+        assert hits.queries[0].label == f"{len(pos_rows)} positives, 1 negative"
+        assert not set(hits.table["row"]) & set(pos_rows.tolist())
+
+
+# --------------------------------------------------------------------------- area and source filters
+
+
+@pytest.mark.parametrize("kind", ["bbox", "utm-polygon", "sources", "bbox+sources", "file"])
+def test_filtered_search_equals_brute_force_over_filtered_rows(client, store, tmp_path, kind):
+    st = store.open()
+    fp = store.fingerprint
+    lon, lat, src = store.cols["lon"], store.cols["lat"], store.cols["source"]
+    a = np.flatnonzero(src == 0)
+    lo, la = lon[a], lat[a]
+    bbox = (float(np.quantile(lo, 0.2)), float(np.quantile(la, 0.3)), float(np.quantile(lo, 0.6)),
+            float(np.quantile(la, 0.9)))
+    utm = shapely.Polygon([(500_030, 3_499_800), (500_300, 3_499_900), (500_200, 3_499_700),
+                           (500_060, 3_499_690)])
+    kw: dict = {}
+    if kind == "bbox":
+        kw, allowed = {"area": bbox}, inside(box(*bbox), lon, lat)
+    elif kind == "utm-polygon":
+        kw, allowed = {"area": utm, "area_crs": UTM17}, inside(utm, lon, lat, UTM17)
+    elif kind == "sources":
+        kw, allowed = {"sources": ["b.tif"]}, src == 1
+    elif kind == "bbox+sources":
+        kw, allowed = {"area": bbox, "sources": [0]}, inside(box(*bbox), lon, lat) & (src == 0)
+    else:
+        f = tmp_path / "area.geojson"
+        f.write_text(json.dumps({"type": "Feature", "properties": {},
+                                 "geometry": shapely.geometry.mapping(box(*bbox))}))
+        kw, allowed = {"area": str(f)}, inside(box(*bbox), lon, lat)
+    assert 5 < allowed.sum() < len(fp) - 5
+    rng = np.random.default_rng(4)
+    qv = rng.integers(0, 4, fp.shape[1]).astype(np.float32)
+    from dask_fp.search import Query
+
+    with dask.config.set(scheduler=client):
+        hits = search(st, [Query("v", qv)], k=10, dedup=False, **kw)
+    d, r = brute_ranked(fp, qv, allowed)
+    np.testing.assert_array_equal(hits.table["row"], r[:10])
+    np.testing.assert_array_equal(hits.table["distance"], d[:10].astype(np.float32))
+
+
+def test_filter_keeping_fewer_than_k_returns_them_all(store):
+    st = store.open()
+    fp = store.fingerprint
+    lon, lat = store.cols["lon"], store.cols["lat"]
+    r0 = int(np.flatnonzero(store.cols["source"] == 0)[50])
+    area = box(lon[r0] - 1e-5, lat[r0] - 1e-5, lon[r0] + 1e-5, lat[r0] + 1e-5)
+    allowed = inside(area, lon, lat)
+    assert allowed.sum() == 1
+    from dask_fp.search import Query
+
+    hits = search(st, [Query("v", fp[0])], k=10, area=area, dedup=False)
+    assert hits.table["row"].tolist() == [r0]
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_bad_examples_and_areas_are_query_errors(store, tmp_path):
+    st = store.open()
+    uid = int(store.cols["uid"][3])
+    from dask_fp.search import Query
+
+    q = [Query("v", store.fingerprint[0])]
+    cases = [
+        (dict(negatives=[uid]), "positives is empty"),
+        (dict(positives=[123456789]), "is not in"),
+        (dict(positives=[uid], negatives=[uid]), "both positive and negative"),
+        (dict(positives=[(-300.0, 10.0)]), "longitude,latitude"),
+        (dict(positives=[True]), "not an example"),
+        (dict(positives=[shapely.LineString([(0, 0), (1, 1)])]), "neither a point nor a polygon"),
+        (dict(positives=[box(10, 10, 11, 11)]), "holds no stored tile centre"),
+        (dict(positives=[str(tmp_path / "missing.geojson")]), "no such file"),
+        (dict(queries=q, area=(500_000, 3_499_000, 501_000, 3_500_000)), "not longitudes/latitudes"),
+        (dict(queries=q, area=(0, 0, 1, 1), area_crs="EPSG:999999"), "not a CRS pyproj knows"),
+        (dict(queries=q, area=(1e9, 1e9, 2e9, 2e9), area_crs=UTM17), "outside the area where"),
+        (dict(queries=q, area=(10, 10, 11, 11)), "no stored tile centre"),
+        (dict(queries=q, area=(2, 2, 1, 1)), "minx <= maxx"),
+        (dict(queries=q, area=Point(0, 0)), "has no area"),
+        (dict(queries=q, sources=["nope.tif"]), "not a source"),
+        (dict(queries=q, sources=[5]), "no such source"),
+        (dict(queries=q, sources=[]), "sources is empty"),
+    ]
+    for kw, msg in cases:
+        with pytest.raises(QueryError, match=msg):
+            search(st, **kw)
+    for kw, msg in [
+        (dict(positives=[uid], negatives=[int(store.cols["uid"][9])], threshold=1.5), "from 0 to 1"),
+        (dict(positives=[uid], negatives=[int(store.cols["uid"][9])], threshold=-0.1), "from 0 to 1"),
+        (dict(positives=[uid], negatives=[int(store.cols["uid"][9])]), "needs k"),
+        (dict(positives=[uid], negatives=[], k=5), "at least one positive and one negative"),
+        (dict(positives=[uid], negatives=[int(store.cols["uid"][9])], k=0), "k must be"),
+    ]:
+        with pytest.raises(QueryError, match=msg):
+            classify(st, **kw)
