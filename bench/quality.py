@@ -209,8 +209,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import shutil
 
-    from dask_fp.cluster import ClusterOptions, get_client
-    from dask_fp.cluster import environment_threads
+    from dask_fp.cluster import ClusterOptions, environment_threads, get_client
 
     t_start, load0 = time.perf_counter(), os.getloadavg()
     out = Path(args.out)

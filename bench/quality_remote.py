@@ -187,8 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import warnings
 
-    from dask_fp.cluster import ClusterOptions, get_client
-    from dask_fp.cluster import environment_threads
+    from dask_fp.cluster import ClusterOptions, environment_threads, get_client
 
     # search.knn puts the query vectors into the graph; 40 raw-pixel queries of 256 px are 30 MiB,
     # which distributed warns about. Expected here.

@@ -217,7 +217,8 @@ def classifier(ev: Eval, per_class: int, key: str, classify_fn: Callable[..., An
     t0 = time.perf_counter()
     for j, c in enumerate(classes):
         neg = all_lab[ev.labels[all_lab] != c]
-        hits = fn(ev.store, positives=uids[labelled[int(c)]].tolist(), negatives=uids[neg].tolist())
+        hits = fn(ev.store, positives=uids[labelled[int(c)]].tolist(), negatives=uids[neg].tolist(),
+                  k=len(ev.labels))
         t = hits.table.sort_values("rank")
         rows = t["row"].to_numpy()
         prob[j, rows] = t["score"].to_numpy()
