@@ -13,6 +13,7 @@ coordinates, as for any non-georeferenced orthomosaic.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,13 +57,19 @@ def find_root(root: str | Path | None = None) -> Path:
     return p
 
 
-def list_scenes(root: str | Path, *, classes: int | None = None, per_class: int | None = None) -> list[Scene]:
-    """The scenes, sorted by (class, file name); the first ``classes`` classes and
-    ``per_class`` files of each when given (deterministic subsets)."""
+def list_scenes(root: str | Path, *, classes: int | Sequence[str] | None = None,
+                per_class: int | None = None) -> list[Scene]:
+    """The scenes, sorted by (class, file name); the first ``classes`` classes (or the
+    named ones) and the first ``per_class`` files of each when given (deterministic subsets)."""
     r = find_root(root)
     names = sorted(d.name for d in r.iterdir() if d.is_dir())
-    if classes is not None:
+    if isinstance(classes, int):
         names = names[:classes]
+    elif classes is not None:
+        missing = sorted(set(classes) - set(names))
+        if missing:
+            raise FileNotFoundError(f"{r}: no class folder {missing}; it has {names}")
+        names = sorted(classes)
     out = []
     for lab, name in enumerate(names, start=1):
         files = sorted(f for f in (r / name).iterdir() if f.suffix.lower() in (".jpg", ".jpeg", ".tif", ".png"))

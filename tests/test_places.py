@@ -208,3 +208,16 @@ def test_write_outputs_includes_places_and_rasters(built, tmp_path):
     files = write_outputs(_hits(built, sources=(0,)), tmp_path)
     assert {"places_geojson", "places_geoparquet", "score_rasters"} <= set(files)
     assert [p.rsplit("/", 1)[1] for p in files["score_rasters"]] == ["scores-q0-s0.tif"]
+
+
+def test_hits_methods_on_a_real_search(built, tmp_path):
+    """The README's calls: a k-NN search with overlapping hits kept, as places and rasters."""
+    st = built.open()
+    uid = int(st.coords()["uid"][10])
+    with dask.config.set(SYNC):
+        hits = search(st, uids=[uid], k=20, dedup=False)
+    gdf = hits.to_polygons()
+    assert gdf.crs.to_epsg() == 4326 and gdf["n_tiles"].sum() == int((hits.table.source == 0).sum())
+    back = geopandas.read_parquet(hits.to_geoparquet(tmp_path / "p.parquet"))
+    assert len(back) == len(gdf) and back.geometry.geom_equals_exact(gdf.geometry, tolerance=0).all()
+    assert len(hits.score_raster(tmp_path / "s")) == hits.table["source"].nunique()
