@@ -52,15 +52,14 @@ PLACE_COLUMNS = ["query", "label", "source", "path", "n_tiles", "measure", "best
 DENSIFY = 8  # points per tile edge when a dissolved outline is reprojected
 
 
-def measure(table: pd.DataFrame) -> tuple[str, bool]:
-    """The column that ranks the hits, and whether larger is better.
+def measure(hits: Hits) -> tuple[str, bool]:
+    """The column that ranks the hits (``Hits.rank_by``), and whether larger is better.
 
-    ``score`` (a classifier's probability) when the table has one with any
-    value, else ``distance`` (k-NN, smaller is better).
+    ``score`` (a classifier's probability) is larger-better; ``distance``
+    (k-NN, squared Euclidean) is smaller-better.
     """
-    if "score" in table.columns and table["score"].notna().any():
-        return "score", True
-    return "distance", False
+    col = getattr(hits, "rank_by", "distance")
+    return col, col == "score"
 
 
 def dissolve(rings: np.ndarray) -> list[Any]:
@@ -119,7 +118,7 @@ def places(hits: Hits) -> tuple[Any, Any]:
     st = hits.store
     tile, stride = int(st.attrs["tile"]), int(st.attrs["stride"])
     sources = {int(s["index"]): s for s in st.sources}
-    col, larger = measure(hits.table)
+    col, larger = measure(hits)
     geo_rows: list[dict[str, Any]] = []
     geo_shapes: list[Any] = []
     pix_rows: list[dict[str, Any]] = []
@@ -222,7 +221,7 @@ def score_rasters(hits: Hits, out_dir: str | os.PathLike[str], *, blocksize: int
     st = hits.store
     tile, stride = int(st.attrs["tile"]), int(st.attrs["stride"])
     sources = {int(s["index"]): s for s in st.sources}
-    col, _ = measure(hits.table)
+    col, _ = measure(hits)
     d = Path(out_dir)
     d.mkdir(parents=True, exist_ok=True)
     written = []

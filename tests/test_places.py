@@ -50,6 +50,7 @@ def _hits(built, windows=WINDOWS, sources=(0, 1), score=None):
     if score is not None:
         table["score"] = score(table)
         table["distance"] = np.nan
+        return Hits(table, full.queries, st, rank_by="score")
     return Hits(table, full.queries, st)
 
 
@@ -221,3 +222,24 @@ def test_hits_methods_on_a_real_search(built, tmp_path):
     back = geopandas.read_parquet(hits.to_geoparquet(tmp_path / "p.parquet"))
     assert len(back) == len(gdf) and back.geometry.geom_equals_exact(gdf.geometry, tolerance=0).all()
     assert len(hits.score_raster(tmp_path / "s")) == hits.table["source"].nunique()
+
+
+def test_classifier_hits_give_probability_places_and_rasters(built, tmp_path):
+    import rasterio
+
+    from dask_fp import classify
+
+    st = built.open()
+    uids = st.coords()["uid"]
+    with dask.config.set(SYNC):
+        hits = classify(st, positives=[int(u) for u in uids[:3]], negatives=[int(u) for u in uids[-3:]], k=15)
+    geo, pix = places(hits)
+    assert set(geo.measure) | set(pix.measure) == {"score"}
+    assert geo["n_tiles"].sum() + pix["n_tiles"].sum() == len(hits.table)
+    assert ((geo.best >= 0) & (geo.best <= 1)).all()
+    paths = score_rasters(hits, tmp_path)
+    with rasterio.open(paths[0]) as r:
+        grid = r.read(1)
+        assert r.tags()["measure"] == "score"
+    t = hits.table[hits.table.source == int(paths[0].rsplit("-s", 1)[1][:-4])]
+    np.testing.assert_array_equal(grid[t.wy, t.wx], t.score.to_numpy(np.float32))
