@@ -57,6 +57,7 @@ class Plan:
     feedback_negatives: int = 5
     classifier_labels: tuple[int, ...] = (10, 20)
     seed: int = 0
+    one_only: bool = False  # only the one-example row (a quick baseline)
 
 
 def methods(resnet_weights: str | None) -> list[Method]:
@@ -117,7 +118,7 @@ def evaluate(store: Any, labels: np.ndarray, plan: Plan) -> ue.Eval:
     ev = ue.Eval(store, labels, seed=plan.seed)
     all_rows = np.arange(len(labels))
     ranked = ue.one_example(ev, all_rows)
-    if api_missing():
+    if api_missing() or plan.one_only:
         return ev
     qrows = ev.query_sample(plan.queries_per_class)
     ql = labels[qrows]
@@ -131,7 +132,7 @@ def evaluate(store: Any, labels: np.ndarray, plan: Plan) -> ue.Eval:
     ev.results["feedback negatives"] = {"mean": float(np.mean([len(x) for x in neg])),
                                        "queries with none": int(sum(len(x) == 0 for x in neg))}
     ue.one_same_control(ev, ranked, qrows, qrows, [np.concatenate([p, n]) for p, n in zip(pos, neg, strict=True)])
-    ue.multi_example(ev, qrows, pos, neg, "fb5")
+    ue.multi_example(ev, qrows, pos, neg, f"fb{plan.feedback_positives}")
     for n in plan.classifier_labels:
         if np.bincount(labels)[1:].min() > n:
             ue.classifier(ev, n, f"clf{n}")

@@ -203,3 +203,57 @@ def test_mosaic_holds_each_scene_in_its_window(tmp_path):
     assert ud.list_scenes(root, classes=["b"], per_class=1)[0].path.name == "b00.png"
     with pytest.raises(FileNotFoundError, match="no class folder"):
         ud.list_scenes(root, classes=["c"])
+
+
+# --------------------------------------------------------------------------- the real pipeline
+
+UCM = ud.DEFAULT_ROOT
+#: A fixed subset: all 21 classes (chance P@10 stays low, as on the full set), the first 8
+#: scenes of each. With 3 labelled tiles per query, 5 relevant tiles stay in every ranking, so
+#: rows that label the same number of tiles share the same ceiling on P@10.
+UCM_CLASSES = None
+UCM_PER_CLASS = 8
+UCM_LABELS = 3
+
+
+@pytest.fixture(scope="module")
+def ucm(tmp_path_factory, client):
+    """The subset through the real pipeline: mosaic -> ingest (LocalCluster) -> search/classify."""
+    import os
+
+    import quality as qb
+
+    if not UCM.is_dir():
+        if os.environ.get("CI"):
+            raise FileNotFoundError(f"{UCM}: the shared UC Merced scenes are missing")
+        pytest.skip(f"{UCM}: the shared UC Merced scenes are not here")
+    out = tmp_path_factory.mktemp("ucm")
+    mosaic = ud.write_mosaic(ud.list_scenes(UCM, classes=UCM_CLASSES, per_class=UCM_PER_CLASS), out / "m.tif")
+    ms = qb.methods(None)
+    stores, labels = qb.build(mosaic, ms, out, client=client, threads=1, timings={})
+    full = qb.Plan(queries_per_class=2, positives=(UCM_LABELS,), feedback_positives=UCM_LABELS,
+                   feedback_negatives=UCM_LABELS, classifier_labels=(UCM_LABELS,))
+    return {k: qb.evaluate(st, labels, full if k == "lite0" else qb.Plan(one_only=True)).results
+            for k, st in stores.items()}
+
+
+def test_pretrained_beats_random_init_and_the_histogram(ucm):
+    p10 = {k: r["one"]["P@10"] for k, r in ucm.items()}
+    assert p10["lite0"] >= 2 * p10["resnet18-random"], p10
+    assert p10["lite0"] > p10["hist"], p10
+    assert ucm["lite0"]["one"]["queries"] == 21 * UCM_PER_CLASS
+
+
+def test_feedback_beats_one_example(ucm):
+    r = ucm["lite0"]
+    # the fair control: the one-example ranking with the same labelled tiles removed
+    assert r[f"fb{UCM_LABELS}"]["P@10"] > r["one-same"]["P@10"], r
+    assert r[f"fb{UCM_LABELS}"]["mAP"] > r["one-same"]["mAP"], r
+
+
+def test_classifier_beats_nearest_neighbour_search(ucm):
+    """With the same number of positives (3 of the class), and the other classes' labels as
+    negatives, the classifier ranks better than the k-NN search of the combined positives."""
+    r = ucm["lite0"]
+    assert r[f"clf{UCM_LABELS}"]["P@10"] > r[f"pos{UCM_LABELS}"]["P@10"], r
+    assert r[f"clf{UCM_LABELS}"]["mAP"] > r[f"pos{UCM_LABELS}"]["mAP"], r
