@@ -21,11 +21,13 @@ from .ingest import IngestReport, ingest  # noqa: E402
 from .models import ModelOptions, embed  # noqa: E402
 from .raster import RasterOptions  # noqa: E402
 from .search import Hits, Query, search  # noqa: E402
+from .session import SearchSession, read_labels  # noqa: E402
 from .store import Store, open_store  # noqa: E402
 from .tiling import Tiling, make_uid, split_uid  # noqa: E402
 
 __all__ = [
     "ClusterError", "DaskFpError", "Hits", "IngestReport", "Query", "ModelOptions", "QueryError", "RasterError",
-    "RasterOptions", "Store", "StoreError", "StoreLockedError", "StoreMismatchError", "Tiling",
-    "WeightsError", "__version__", "classify", "embed", "ingest", "make_uid", "open_store", "search", "split_uid",
+    "RasterOptions", "SearchSession", "Store", "StoreError", "StoreLockedError", "StoreMismatchError", "Tiling",
+    "WeightsError", "__version__", "classify", "embed", "ingest", "make_uid", "open_store", "read_labels", "search",
+    "split_uid",
 ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,7 @@ import pandas as pd
 
 from .errors import QueryError
 from .examples import Example, as_examples, resolve
-from .filters import Area, filter_columns, make_filter
+from .filters import Area, candidate_blocks, filter_columns, make_filter
 from .hits import TABLE_COLUMNS, Hits
 from .kernels import candidates_needed
 from .models import ModelOptions
@@ -141,8 +142,10 @@ def classify(
         m = candidates_needed(int(k), store_tiling(st), dedup=dedup, from_store=bool(exclude), n_own=len(exclude))
 
     def run() -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-        s, r = score_pass(st.fingerprints(), coef, intercept, k=m, min_logit=_min_logit(threshold),
-                          split_every=split_every, where=where, columns=filter_columns(st, where))
+        x = st.fingerprints()
+        s, r = score_pass(x, coef, intercept, k=m, min_logit=_min_logit(threshold), split_every=split_every,
+                          where=where, columns=filter_columns(st, where),
+                          blocks=candidate_blocks(st, where, x.chunks[0]))
         return s, r, st.coords(r)
 
     logits, rows, meta = reading(st, run)
@@ -171,3 +174,14 @@ def classify(
     hits = Hits(table, [q], st, rank_by="score")
     hits.classifier = clf
     return hits
+
+
+def write_classified(hits: Hits, out_dir: str | os.PathLike[str], *, mosaic_hits: int = 35) -> dict[str, Any]:
+    """``hits.csv`` and ``hits.geojson`` of every hit, and ``mosaic.png`` of the best ``mosaic_hits``."""
+    from .export import write_outputs
+
+    d = Path(out_dir)
+    files = write_outputs(hits.head(mosaic_hits), d)
+    hits.table.to_csv(d / "hits.csv", index=False)
+    hits.to_geojson(d / "hits.geojson")
+    return files

@@ -44,6 +44,43 @@ def _lonlat(text: str) -> tuple[float, float]:
     return (lon, lat)
 
 
+def _example(text: str) -> Any:
+    """An example: a whole number is a uid, ``LON,LAT`` a point, anything else a file path."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    parts = text.split(",")
+    if len(parts) == 2:
+        try:
+            return (float(parts[0]), float(parts[1]))
+        except ValueError:
+            pass
+    return text
+
+
+def _area(text: str) -> Any:
+    """``MINX,MINY,MAXX,MAXY`` (a bbox) or a vector file path."""
+    parts = text.split(",")
+    if len(parts) == 4:
+        try:
+            return tuple(float(v) for v in parts)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected MINX,MINY,MAXX,MAXY or a vector file, got {text!r}") from None
+    return text
+
+
+def _sources(text: str) -> list[Any]:
+    return [int(v) if v.strip().isdigit() else v.strip() for v in text.split(",") if v.strip()]
+
+
+def _probability(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a probability from 0 to 1, got {text!r}") from None
+
+
 def _positive(text: str) -> int:
     try:
         v = int(text)
@@ -67,6 +104,30 @@ def _cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--memory", metavar="SIZE", help="slurm/pbs: memory per job, e.g. 16GiB (default: jobqueue config)")
     g.add_argument("--threads-per-worker", type=_positive, default=1, metavar="N")
     g.add_argument("--memory-limit", default="auto", metavar="SIZE", help="per local worker, e.g. 4GiB")
+
+
+def _example_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("examples", "UID, LON,LAT, a picture, or a .geojson/.gpkg of points and polygons"
+                             " (a polygon: every stored tile whose centre lies in it); repeat the option for more")
+    g.add_argument("--positive", action="append", default=[], type=_example, metavar="X")
+    g.add_argument("--negative", action="append", default=[], type=_example, metavar="X")
+    g.add_argument("--labels", metavar="FILE",
+                   help="labels file (GeoJSON/GPKG features with label=positive|negative and uid, or a geometry)")
+    g.add_argument("--save-labels", metavar="FILE", help="write all labels used (GeoJSON) for the next round")
+    f = p.add_argument_group("filters", "applied inside the pass; a tile is in the area when its centre is")
+    f.add_argument("--area", type=_area, metavar="MINX,MINY,MAXX,MAXY|FILE",
+                   help="bbox (in --area-crs) or a GeoJSON/GPKG polygon file (in its own CRS)")
+    f.add_argument("--area-crs", metavar="CRS", help="CRS of a bbox --area (default EPSG:4326 lon/lat)")
+    f.add_argument("--sources", type=_sources, metavar="I,PATH,…", help="only tiles of these sources")
+
+
+def _common_query_args(p: argparse.ArgumentParser, out_help: str) -> None:
+    p.add_argument("--out", metavar="DIR", help=out_help)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--weights", metavar="PATH|random", help="weights for picture examples (default: the store's)")
+    p.add_argument("--persist", action="store_true", help="load the store into cluster memory first")
+    p.add_argument("--split-every", type=_positive, help="fan-in of the merge tree")
+    _cluster_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,15 +167,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--image", action="append", default=[], metavar="FILE")
     q.add_argument("--uid", action="append", default=[], type=int)
     q.add_argument("--lonlat", action="append", default=[], type=_lonlat, metavar="LON,LAT")
+    _example_args(q)
+    q.add_argument("--beta", type=float, default=0.5,
+                   help="weight of the negatives: query = mean(P) + beta * (mean(P) - mean(N)) (default 0.5)")
     q.add_argument("-k", type=int, default=10, help="hits per query")
     q.add_argument("--no-dedup", action="store_true", help="keep overlapping hits")
-    q.add_argument("--include-self", action="store_true", help="keep the query's own tiles")
-    q.add_argument("--out", metavar="DIR", help="write hits, mosaics, places (GeoJSON, GeoParquet) and score COGs here")
-    q.add_argument("--json", action="store_true")
-    q.add_argument("--weights", metavar="PATH|random", help="weights for image queries (default: the store's)")
-    q.add_argument("--persist", action="store_true", help="load the store into cluster memory first")
-    q.add_argument("--split-every", type=_positive, help="fan-in of the merge tree")
-    _cluster_args(q)
+    q.add_argument("--include-self", action="store_true", help="keep the query's own (and labelled) tiles")
+    _common_query_args(q, "write hits, mosaics, places (GeoJSON, GeoParquet) and score COGs here")
+
+    c = sub.add_parser("classify", help="train a linear classifier on labelled tiles and score every tile")
+    c.add_argument("store")
+    _example_args(c)
+    c.add_argument("-k", type=int, help="the k tiles of highest probability")
+    c.add_argument("--threshold", type=_probability, metavar="P",
+                   help="every tile with probability >= P (0..1); with -k, the best k of those")
+    c.add_argument("--C", type=float, default=1.0, dest="C", help="inverse regularisation strength (default 1)")
+    c.add_argument("--dedup", action="store_true", help="drop hits overlapping a better hit")
+    c.add_argument("--include-self", action="store_true", help="keep the labelled tiles among the hits")
+    _common_query_args(c, "write hits.csv and hits.geojson (every hit) and mosaic.png (the best 35) here")
 
     un = sub.add_parser("unlock", help="remove a stale writer lock")
     un.add_argument("store")
@@ -166,21 +236,56 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_query(args: argparse.Namespace) -> int:
-    from .export import write_outputs
+def _session(args: argparse.Namespace) -> Any:
+    """The labels of ``--labels``, ``--positive`` and ``--negative`` as a SearchSession."""
     from .query import store_model_options
-    from .search import search
+    from .session import SearchSession
     from .store import open_store
 
     store = open_store(args.store)
     model = store_model_options(store, weights=args.weights) if args.weights else None
+    s = SearchSession.load(store, args.labels, model=model) if args.labels else SearchSession(store, model=model)
+    return s.add(positives=args.positive, negatives=args.negative)
+
+
+def _filters(args: argparse.Namespace) -> dict[str, Any]:
+    return {"area": args.area, "area_crs": args.area_crs, "sources": args.sources, "split_every": args.split_every}
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from .export import write_outputs
+    from .search import search
+
     with _cluster(args):
+        session = _session(args)
         if args.persist:
-            store.persist()
-        hits = search(store, images=args.image, uids=args.uid, lonlats=args.lonlat, k=args.k,
-                      dedup=not args.no_dedup, include_self=args.include_self, model=model,
-                      split_every=args.split_every)
+            session.store.persist()
+        hits = search(session.store, images=args.image, uids=args.uid, lonlats=args.lonlat,
+                      positives=session.positives, negatives=session.negatives, beta=args.beta, k=args.k,
+                      dedup=not args.no_dedup, include_self=args.include_self, model=session.model,
+                      **_filters(args))
+        if args.save_labels:
+            session.save(args.save_labels)
     files = write_outputs(hits, args.out) if args.out else None
+    return _print_hits(args, hits, files)
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from .classify import write_classified
+
+    with _cluster(args):
+        session = _session(args)
+        if args.persist:
+            session.store.persist()
+        hits = session.classify(k=args.k, threshold=args.threshold, C=args.C, dedup=args.dedup,
+                                include_self=args.include_self, **_filters(args))
+        if args.save_labels:
+            session.save(args.save_labels)
+    files = write_classified(hits, args.out) if args.out else None
+    return _print_hits(args, hits, files)
+
+
+def _print_hits(args: argparse.Namespace, hits: Any, files: dict[str, Any] | None) -> int:
     if args.json:
         out: dict[str, Any] = {"queries": [{"index": i, "label": q.label, "hits": json.loads(
             hits.for_query(i).drop(columns=["query", "label"]).to_json(orient="records"))}
@@ -191,8 +296,8 @@ def cmd_query(args: argparse.Namespace) -> int:
         return 0
     for i, q in enumerate(hits.queries):
         t = hits.for_query(i)
-        print(f"query {i}: {q.label}")
-        print(t[["rank", "uid", "distance", "path", "wy", "wx", "lon", "lat"]].to_string(index=False))
+        print(f"query {i}: {q.label} ({len(t)} hits)")
+        print(t[["rank", "uid", hits.rank_by, "path", "wy", "wx", "lon", "lat"]].to_string(index=False))
     if files:
         print("wrote " + ", ".join([files["csv"], files["geojson"], *files["mosaics"]]))
     return 0
@@ -211,7 +316,7 @@ def _join_negative_values(argv: list[str]) -> list[str]:
     out: list[str] = []
     it = iter(argv)
     for a in it:
-        if a in ("--lonlat", "--scale"):
+        if a in ("--lonlat", "--scale", "--positive", "--negative", "--area"):
             nxt = next(it, None)
             out.append(a if nxt is None else f"{a}={nxt}")
         else:
@@ -221,7 +326,8 @@ def _join_negative_values(argv: list[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(_join_negative_values(list(sys.argv[1:] if argv is None else argv)))
-    handler = {"ingest": cmd_ingest, "info": cmd_info, "query": cmd_query, "unlock": cmd_unlock}[args.command]
+    handler = {"ingest": cmd_ingest, "info": cmd_info, "query": cmd_query, "classify": cmd_classify,
+               "unlock": cmd_unlock}[args.command]
     try:
         return handler(args)
     except DaskFpError as e:

@@ -61,6 +61,11 @@ def _signed_area(ring: np.ndarray) -> float:
     return 0.5 * float(np.sum(x[:-1] * y[1:] - x[1:] * y[:-1]))
 
 
+def _number(v: Any) -> float | None:
+    """A float for JSON; None (null) for NaN, which JSON cannot hold (k-NN hits have no score)."""
+    return None if v is None or v != v else float(v)
+
+
 def hits_geojson(hits: Hits, path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """FeatureCollection of hit footprints (WGS84); writes ``path`` if given.
 
@@ -80,7 +85,8 @@ def hits_geojson(hits: Hits, path: str | os.PathLike[str] | None = None) -> dict
     for i, r in zip(table.index, table.itertuples(index=False), strict=True):
         src = sources[r.source]
         props = {"query": int(r.query), "query_label": r.label, "rank": int(r.rank), "uid": int(r.uid),
-                 "distance": float(r.distance), "source": src["path"], "wy": int(r.wy), "wx": int(r.wx)}
+                 "distance": _number(r.distance), "score": _number(getattr(r, "score", float("nan"))),
+                 "source": src["path"], "wy": int(r.wy), "wx": int(r.wx)}
         if i in shapes:
             geo.append({"type": "Feature", "geometry": shapes[i], "properties": props})
         else:

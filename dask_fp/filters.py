@@ -210,3 +210,54 @@ def rows_where(store: Store, where: RowFilter) -> np.ndarray:
     lon, lat, src = filter_columns(store, where) or []
     mask = da.map_blocks(where.mask, lon, lat, src, dtype=bool)
     return np.flatnonzero(mask.compute()).astype(np.int64)
+
+
+def _source_may_hold(src: dict[str, Any], where: RowFilter) -> bool:
+    """False only when no window centre of ``src`` can lie in ``where``'s area (conservative)."""
+    import shapely
+    from pyproj import Transformer
+
+    if where.geometry is None:
+        return True
+    if not src.get("crs"):
+        return False  # no CRS: NaN lon/lat, never inside an area
+    a, b, c, d, e, f = (float(v) for v in src["transform"][:6])
+    h, w = (float(v) for v in src["shape"][:2])
+    ring = shapely.segmentize(shapely.box(0, 0, w, h).exterior, max(w, h) / 32)
+    px = shapely.get_coordinates(ring)
+    xs, ys = a * px[:, 0] + b * px[:, 1] + c, d * px[:, 0] + e * px[:, 1] + f
+    t = Transformer.from_crs(src["crs"], where.crs or "EPSG:4326", always_xy=True)
+    tx, ty = t.transform(xs, ys)
+    pts = np.column_stack([tx, ty])
+    if not np.isfinite(pts).all():
+        return True
+    foot = shapely.Polygon(pts)
+    minx, miny, maxx, maxy = foot.bounds
+    margin = 0.02 * max(maxx - minx, maxy - miny) + 1e-9
+    return bool(foot.buffer(margin).intersects(where.geometry))
+
+
+def candidate_blocks(store: Store, where: RowFilter | None, row_chunks: Sequence[int]) -> list[int] | None:
+    """Row blocks that may hold rows ``where`` keeps (None: scan all).
+
+    Uses only the sources table: a block is skipped when every row in it
+    belongs to a source the filter excludes (not in ``sources``, or whose
+    footprint, densified and widened by 2 %, does not meet the area). The
+    rows inside the blocks that are scanned are still masked exactly.
+    """
+    if where is None:
+        return None
+    ranges = []
+    for s in store.sources:
+        if "rows" not in s:
+            return None
+        if where.sources is not None and int(s["index"]) not in where.sources:
+            continue
+        if _source_may_hold(s, where):
+            ranges.append((int(s["rows"][0]), int(s["rows"][1])))
+    out, start = [], 0
+    for i, n in enumerate(row_chunks):
+        if any(lo < start + n and hi > start for lo, hi in ranges):
+            out.append(i)
+        start += n
+    return out

@@ -42,6 +42,12 @@ class Hits:
     def __repr__(self) -> str:
         return f"Hits({len(self.queries)} queries, {len(self.table)} hits)\n{self.table.head(20)!r}"
 
+    def head(self, n: int) -> Hits:
+        """The best ``n`` hits of each query, as Hits."""
+        h = Hits(self.table[self.table["rank"] <= n], self.queries, self.store, rank_by=self.rank_by)
+        h.classifier = self.classifier
+        return h
+
     def for_query(self, i: int) -> pd.DataFrame:
         return self.table[self.table["query"] == i]
 

@@ -64,6 +64,10 @@ def chunk_distances(x: np.ndarray, norm2: np.ndarray, q: np.ndarray, qnorm2: np.
     return d
 
 
+#: Rows converted to float64 at a time by :func:`score_chunk` (8 MiB at D = 512).
+SCORE_SLICE = 2048
+
+
 @dataclass(frozen=True)
 class RowFilter:
     """Which stored rows a pass may return: an area and/or a set of sources.
@@ -159,7 +163,11 @@ def score_chunk(
     Scores are computed in float64.
     """
     x, rows = _filtered(block, where, 2)
-    s = x.astype(np.float64) @ np.asarray(coef, dtype=np.float64) + float(intercept)
+    w = np.asarray(coef, dtype=np.float64)
+    s = np.empty(len(x), dtype=np.float64)
+    for i in range(0, len(x), SCORE_SLICE):  # float64 copies of a slice, not of the whole block
+        s[i : i + SCORE_SLICE] = x[i : i + SCORE_SLICE].astype(np.float64) @ w
+    s += float(intercept)
     rows = rows.astype(np.int64)
     if min_logit is not None:
         sel = s >= min_logit

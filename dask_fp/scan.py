@@ -26,15 +26,21 @@ def _column(a: np.ndarray) -> np.ndarray:
     return a[:, None]
 
 
-def _pack(x: np.ndarray, *cols: np.ndarray, n_data: int = 0, block_info: Any = None) -> tuple[np.ndarray, ...]:
+def _pack(x: np.ndarray, *cols: np.ndarray, n_data: int = 0, starts: tuple[int, ...] | None = None,
+          block_info: Any = None) -> tuple[np.ndarray, ...]:
     """A block and its columns → ``(x, data columns…, global rows, filter columns…)``.
 
-    The rows come from the block's location; the first ``n_data`` columns are
-    the chunk step's data (the norms of the k-NN pass; none for the classifier
-    pass), the rest the ``lon, lat, source`` of a row filter.
+    The rows come from the block's location (or, when only some blocks are
+    scanned, from ``starts``: the first global row of each scanned block); the
+    first ``n_data`` columns are the chunk step's data (the norms of the k-NN
+    pass; none for the classifier pass), the rest the ``lon, lat, source`` of a
+    row filter.
     """
-    start, stop = block_info[0]["array-location"][0]
-    rows = np.arange(start, stop, dtype=np.int64)
+    if starts is None:
+        start = block_info[0]["array-location"][0][0]
+    else:
+        start = starts[block_info[0]["chunk-location"][0]]
+    rows = np.arange(start, start + x.shape[0], dtype=np.int64)
     return (x, *cols[:n_data], rows, *cols[n_data:])
 
 
@@ -46,17 +52,29 @@ def _reduce(
     split_every: int | None,
     name: str,
     n_data: int,
+    blocks: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One ``dask.array.reduction`` over row blocks of ``x`` packed with ``columns`` (see :func:`_pack`)."""
+    """One ``dask.array.reduction`` over row blocks of ``x`` packed with ``columns`` (see :func:`_pack`).
+
+    ``blocks`` (row-block indices of ``x``) restricts the pass to those blocks;
+    the others are not read.
+    """
     import dask.array as da
 
     if len(x.chunks[1]) != 1:
         x = x.rechunk({1: -1})
+    columns = [c.rechunk((x.chunks[0],)) for c in columns]
+    starts = None
+    if blocks is not None:
+        offsets = np.concatenate([[0], np.cumsum(x.chunks[0])]).tolist()
+        starts = tuple(int(offsets[b]) for b in blocks)
+        x = x.blocks[list(blocks)]
+        columns = [c.blocks[list(blocks)] for c in columns]
     # Only blockwise layers here, so reading a block, its columns and the chunk step fuse
     # into one task per block (slicing or da.arange would add more per block).
-    cols = [c.rechunk((x.chunks[0],)).map_blocks(_column, new_axis=1, chunks=(x.chunks[0], (1,)), dtype=c.dtype)
-            for c in columns]
-    packed = da.map_blocks(_pack, x, *cols, n_data=n_data, dtype=x.dtype, meta=np.empty((0, 0), dtype=x.dtype))
+    cols = [c.map_blocks(_column, new_axis=1, chunks=(x.chunks[0], (1,)), dtype=c.dtype) for c in columns]
+    packed = da.map_blocks(_pack, x, *cols, n_data=n_data, starts=starts, dtype=x.dtype,
+                           meta=np.empty((0, 0), dtype=x.dtype))
     red = da.reduction(
         packed,
         chunk=chunk,
@@ -93,6 +111,7 @@ def knn(
     split_every: int | None = None,
     where: RowFilter | None = None,
     columns: Sequence[Any] | None = None,
+    blocks: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact ``m`` nearest rows of the dask array ``x`` for each query.
 
@@ -109,6 +128,9 @@ def knn(
         Only rows it keeps are candidates (applied inside each chunk task).
     columns : (lon, lat, source) dask arrays, required with ``where``
         Chunked along rows like ``x`` (or rechunked to it).
+    blocks : sequence of int, optional
+        Scan only these row blocks of ``x`` (those that may hold rows ``where``
+        keeps, see :func:`dask_fp.filters.candidate_blocks`).
 
     Returns
     -------
@@ -121,11 +143,12 @@ def knn(
     q = np.ascontiguousarray(queries, dtype=np.float32)
     if q.ndim != 2 or q.shape[1] != x.shape[1]:
         raise QueryError(f"queries must have shape (q, {x.shape[1]}), got {q.shape}")
-    if n == 0:
+    if n == 0 or (blocks is not None and len(blocks) == 0):
         return np.empty((len(q), 0), np.float32), np.empty((len(q), 0), np.int64)
     qn = np.einsum("ij,ij->i", q, q)
     cols = [norm2, *_filter_columns(where, columns)]
-    return _reduce(x, cols, partial(knn_chunk, q=q, qnorm2=qn, m=m, where=where), m, split_every, "knn", 1)
+    return _reduce(x, cols, partial(knn_chunk, q=q, qnorm2=qn, m=m, where=where), m, split_every, "knn", 1,
+                   blocks)
 
 
 def score_pass(
@@ -138,6 +161,7 @@ def score_pass(
     split_every: int | None = None,
     where: RowFilter | None = None,
     columns: Sequence[Any] | None = None,
+    blocks: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Linear scores ``x @ coef + intercept`` of every row, in one pass: the top ``k`` or all ≥ ``min_logit``.
 
@@ -155,8 +179,8 @@ def score_pass(
     m = ALL if k is None else int(k)
     if m < 1:
         raise QueryError(f"k must be at least 1, got {m}")
-    if x.shape[0] == 0:
+    if x.shape[0] == 0 or (blocks is not None and len(blocks) == 0):
         return np.empty(0, np.float64), np.empty(0, np.int64)
     chunk = partial(score_chunk, coef=coef, intercept=float(intercept), m=m, min_logit=min_logit, where=where)
-    neg, rows = _reduce(x, _filter_columns(where, columns), chunk, m, split_every, "score", 0)
+    neg, rows = _reduce(x, _filter_columns(where, columns), chunk, m, split_every, "score", 0, blocks)
     return -neg[0], rows[0]

@@ -21,7 +21,7 @@ import pandas as pd
 
 from .errors import DaskFpError, QueryError, StoreError
 from .examples import BETA, Example, as_examples, combined_query
-from .filters import Area, filter_columns, make_filter
+from .filters import Area, candidate_blocks, filter_columns, make_filter
 from .hits import TABLE_COLUMNS, Hits
 from .kernels import RowFilter, candidates_needed, dedup_mask
 from .models import ModelOptions
@@ -145,8 +145,9 @@ def search(
     vecs = np.stack([q.vector for q in qs]).astype(np.float32)
 
     def run() -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-        d, r = knn(st.fingerprints(), st.norm2(), vecs, m, split_every=split_every, where=where,
-                   columns=filter_columns(st, where))
+        x = st.fingerprints()
+        d, r = knn(x, st.norm2(), vecs, m, split_every=split_every, where=where,
+                   columns=filter_columns(st, where), blocks=candidate_blocks(st, where, x.chunks[0]))
         f = np.unique(r)
         return d, r, f, st.coords(f)
 

@@ -60,15 +60,16 @@ def _oracle(built, prow, nrow, *, C=1.0):
 
 def test_score_chunk_and_merge_without_dask():
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(300, 5)).astype(np.float32)
+    n = 5000  # one block longer than SCORE_SLICE rows
+    x = rng.normal(size=(n, 5)).astype(np.float32)
     coef, b = rng.normal(size=5), 0.3
-    rows = np.arange(300) + 7
+    rows = np.arange(n) + 7
     s = x.astype(np.float64) @ coef + b
     for m, lo in [(9, None), (ALL, 0.5), (4, 1.0)]:
         parts = [score_chunk((x[a:c], rows[a:c, None]), coef=coef, intercept=b, m=m, min_logit=lo)
-                 for a, c in [(0, 1), (1, 120), (120, 300)]]
+                 for a, c in [(0, 1), (1, 120), (120, n)]]
         neg, r = knn_merge(parts, m=m)
-        keep = np.ones(300, bool) if lo is None else s >= lo
+        keep = np.ones(n, bool) if lo is None else s >= lo
         order = np.lexsort((rows[keep], -s[keep]))[: min(m, keep.sum())]
         np.testing.assert_array_equal(r[0], rows[keep][order])
         np.testing.assert_allclose(-neg[0], s[keep][order], rtol=1e-12)

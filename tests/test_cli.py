@@ -74,3 +74,65 @@ def test_cli_query_k_not_a_number_is_a_usage_error(query_store, capsys):
         main(["query", str(query_store.path), "--uid", "1", "-k", "three"])
     assert e.value.code == 2
     assert "invalid int value" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- examples, filters, classifier
+
+
+def test_cli_positives_negatives_area_and_labels_round_trip(query_store, tmp_path, capsys):
+    from dask_fp import classify
+
+    b = query_store
+    uid = b.cols["uid"]
+    lon, lat = b.cols["lon"], b.cols["lat"]
+    pos = [int(uid[b.row_of(0, 2, 2)]), (float(lon[30]), float(lat[30]))]
+    neg = [int(uid[b.row_of(0, 5, 7)])]
+    bbox = (float(lon.min()), float(lat.min()), float(lon.mean()), float(lat.max()))
+    labels = tmp_path / "labels.geojson"
+    area = ",".join(repr(v) for v in bbox)
+    rc = main(["query", str(b.path), "--positive", str(pos[0]), "--positive", f"{pos[1][0]},{pos[1][1]}",
+               "--negative", str(neg[0]), "--area", area, "-k", "4", "--no-dedup", "--json", "--workers", "1",
+               "--save-labels", str(labels)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    doc = json.loads(captured.out)
+    with dask.config.set(scheduler="sync"):
+        exp = search(b.path, positives=pos, negatives=neg, area=bbox, k=4, dedup=False)
+    assert [q["label"] for q in doc["queries"]] == ["2 positives, 1 negative"]
+    assert [h["uid"] for h in doc["queries"][0]["hits"]] == list(exp.table["uid"])
+    assert all(h["lon"] <= bbox[2] for h in doc["queries"][0]["hits"])
+    # the saved labels drive the next round, from the CLI and the classifier
+    rc = main(["query", str(b.path), "--labels", str(labels), "--area", area, "-k", "4", "--no-dedup", "--json",
+               "--workers", "1"])
+    again = json.loads(capsys.readouterr().out)
+    assert rc == 0 and again["queries"][0]["hits"] == doc["queries"][0]["hits"]
+    out_dir = tmp_path / "cls"
+    rc = main(["classify", str(b.path), "--labels", str(labels), "--threshold", "0.5", "--json", "--workers", "1",
+               "--out", str(out_dir)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    got = json.loads(captured.out)["queries"][0]["hits"]
+    with dask.config.set(scheduler="sync"):
+        exp = classify(b.path, positives=pos, negatives=neg, threshold=0.5)
+    assert [h["uid"] for h in got] == list(exp.table["uid"]) and len(got) > 0
+    assert [h["score"] for h in got] == pytest.approx(list(exp.table["score"]))
+    assert all(h["distance"] is None for h in got)
+    gj = json.loads((out_dir / "hits.geojson").read_text())  # valid JSON: no NaN
+    assert len(gj["features"]) == len(got) and gj["features"][0]["properties"]["distance"] is None
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["classify", "--positive", "UID", "--negative", "UID2"], "needs k"),
+    (["classify", "--positive", "UID", "--negative", "UID2", "--threshold", "2"], "from 0 to 1"),
+    (["classify", "--positive", "UID", "-k", "3"], "one positive and one negative"),
+    (["query", "--negative", "UID"], "positives is empty"),
+    (["query", "--positive", "UID", "--area", "500000,3500000,500100,3500100"], "not longitudes/latitudes"),
+    (["query", "--positive", "UID", "--area", "0,0,1,1", "--area-crs", "EPSG:999999"], "not a CRS"),
+    (["query", "--positive", "UID", "--sources", "missing.tif"], "not a source"),
+])
+def test_cli_bad_examples_and_filters_are_errors(query_store, capsys, argv, message):
+    uid, uid2 = (str(int(query_store.cols["uid"][i])) for i in (0, 9))
+    argv = [{"UID": uid, "UID2": uid2}.get(a, a) for a in argv]
+    rc = main([argv[0], str(query_store.path), *argv[1:], "--workers", "1"])
+    err = capsys.readouterr().err
+    assert rc == 1 and any(line.startswith("dask-fp: error:") and message in line for line in err.splitlines())

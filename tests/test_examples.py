@@ -303,3 +303,124 @@ def test_bad_examples_and_areas_are_query_errors(store, tmp_path):
     ]:
         with pytest.raises(QueryError, match=msg):
             classify(st, **kw)
+
+
+# --------------------------------------------------------------------------- feedback session
+
+
+def test_session_feedback_loop_and_labels_round_trip(store, tmp_path):
+    from dask_fp import SearchSession, read_labels
+
+    st = store.open()
+    fp = store.fingerprint
+    uid, lon, lat, src = store.cols["uid"], store.cols["lon"], store.cols["lat"], store.cols["source"]
+    a = np.flatnonzero(src == 0)
+    b = np.flatnonzero(src == 1)
+    poly = box(lon[a[40]] - 2e-4, lat[a[40]] - 2e-4, lon[a[40]] + 2e-4, lat[a[40]] + 2e-4)
+    in_poly = np.flatnonzero(inside(poly, lon, lat))
+    s = SearchSession(st).add(positives=[int(uid[a[5]]), (float(lon[a[300]]), float(lat[a[300]])), poly],
+                              negatives=[int(uid[b[3]])])
+    h1 = s.search(k=6, dedup=False)
+    # mark hits 1 and 2 positive, 3 negative; the next query uses them, and they leave the hits
+    s.add_hits(h1, [1, 2]).add_hits(h1, [3], positive=False)
+    h2 = s.search(k=6, dedup=False)
+    prow = np.union1d(np.union1d(in_poly, [a[5], a[300]]), h1.table["row"].to_numpy()[:2])
+    nrow = np.array([b[3], h1.table["row"].to_numpy()[2]])
+    q = fp[prow].mean(0) + 0.5 * (fp[prow].mean(0) - fp[nrow].mean(0))
+    allowed = np.ones(len(fp), bool)
+    allowed[np.concatenate([prow, nrow])] = False
+    d, r = brute_ranked(fp, q, allowed)
+    np.testing.assert_array_equal(h2.table["row"], r[:6])
+    assert h2.queries[0].label == f"{len(prow)} positives, 2 negatives"
+    # relabelling a tile moves it
+    s2 = SearchSession(st).add(positives=[int(uid[7])]).add(negatives=[int(uid[7])])
+    assert s2.positives == [] and s2.negatives == [int(uid[7])]
+
+    path = s.save(tmp_path / "labels.geojson")
+    fc = json.loads((tmp_path / "labels.geojson").read_text())
+    kinds = [(f["geometry"] or {}).get("type") for f in fc["features"]]
+    assert kinds.count("Polygon") == 1
+    pts = [f for f in fc["features"] if f["properties"].get("uid") is not None]
+    # one Point per labelled tile at its centre; tiles of the source without a CRS have no geometry
+    assert len(pts) == 2 + 2 + 2
+    for f in pts:
+        r0 = int(np.flatnonzero(uid == f["properties"]["uid"])[0])
+        if f["geometry"] is None:
+            assert src[r0] == 1
+        else:
+            assert f["geometry"]["coordinates"] == pytest.approx([lon[r0], lat[r0]])
+    pos, neg = read_labels(path)
+    assert len(pos) == 5 and len(neg) == 2
+    again = SearchSession.load(st, path).search(k=6, dedup=False)
+    np.testing.assert_array_equal(again.table["row"], h2.table["row"])
+    # the labels file also drives the classifier
+    c = SearchSession.load(st, path).classify(k=5)
+    assert len(c) == 5 and c.rank_by == "score"
+
+
+def test_bad_labels_are_query_errors(store, tmp_path):
+    from dask_fp import SearchSession
+
+    st = store.open()
+    f = tmp_path / "bad.geojson"
+    f.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [-81.0, 31.6]},
+         "properties": {"label": "maybe"}}]}))
+    with pytest.raises(QueryError, match="feature 0 has label 'maybe'"):
+        SearchSession.load(st, f)
+    with pytest.raises(QueryError, match="is not in"):
+        SearchSession(st).add(positives=[987654321])
+    h = search(st, uids=[int(store.cols["uid"][0])], k=3)
+    with pytest.raises(QueryError, match=r"ranks \[9\] are not among the 3 hits"):
+        SearchSession(st).add_hits(h, [9])
+
+
+def test_blocks_of_sources_outside_the_filter_are_not_read(tmp_path):
+    from dask_fp.filters import candidate_blocks, make_filter
+    from dask_fp.search import Query
+
+    specs = [SourceSpec(shape=(320, 384), path=f"s{i}.tif",
+                        transform=(0.5, 0.0, 500_000.0 + 1000.0 * i, 0.0, -0.5, 3_500_000.0)) for i in range(3)]
+    built = build_store(tmp_path / "store", specs, dim=8, rows_per_chunk=16, seed=5)
+    st = built.open()
+    fp, lon, lat, src = built.fingerprint, built.cols["lon"], built.cols["lat"], built.cols["source"]
+    two = src == 2
+    area = box(lon[two].min() - 1e-6, lat[two].min() - 1e-6, lon[two].max() + 1e-6, lat[two].max() + 1e-6)
+    x = st.fingerprints()
+    cases = [({"area": area}, inside(area, lon, lat)), ({"sources": [0, 2]}, src != 1),
+             ({"area": area, "sources": [0]}, None)]
+    for kw, allowed in cases:
+        where = make_filter(st, **kw)
+        blocks = candidate_blocks(st, where, x.chunks[0])
+        starts = np.concatenate([[0], np.cumsum(x.chunks[0])])
+        # every block scanned holds a row of an allowed source; every allowed row is in a scanned block
+        want_src = {2} if "area" in kw else set(kw["sources"])
+        if "sources" in kw and "area" in kw:
+            want_src = set()
+        read = np.zeros(len(fp), bool)
+        for b in blocks:
+            assert want_src & set(src[starts[b]:starts[b + 1]].tolist())
+            read[starts[b]:starts[b + 1]] = True
+        assert len(blocks) < x.numblocks[0]
+        if allowed is None:
+            assert blocks == []
+            with pytest.raises(QueryError, match="no stored tile centre"):
+                search(st, [Query("v", fp[0])], k=3, **kw)
+            continue
+        assert read[allowed].all()
+        qv = fp[int(np.flatnonzero(allowed)[3])] + 1
+        hits = search(st, [Query("v", qv)], k=7, dedup=False, **kw)
+        d, r = brute_ranked(fp, qv, allowed)
+        np.testing.assert_array_equal(hits.table["row"], r[:7])
+
+
+def test_store_column_is_chunked_like_the_fingerprints(store):
+    from dask_fp.errors import StoreError
+
+    st = store.open()
+    for name in ("lon", "lat", "source", "uid"):
+        col = st.column(name)
+        assert col.chunks[0] == st.fingerprints().chunks[0]
+        np.testing.assert_array_equal(col.compute(scheduler="sync"), store.cols[name])
+    with pytest.raises(StoreError, match="no per-tile column 'fingerprint'"):
+        st.column("fingerprint")
