@@ -206,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-docs", action="store_true", help="print the tables only")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reuse", action="store_true",
+                   help="keep the mosaic and stores of an earlier run in --out (ingest skips committed sources)")
+    p.add_argument("--all-rows", default=None, metavar="KEYS",
+                   help="comma-separated methods that get the multi-example/classifier rows (default: all;"
+                        " the others get the one-example row only)")
     args = p.parse_args(argv)
 
     import shutil
@@ -214,10 +219,15 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start, load0 = time.perf_counter(), os.getloadavg()
     out = Path(args.out)
-    if out.exists():
-        shutil.rmtree(out)  # fresh stores every run: the numbers always come from this run's ingest
+    if out.exists() and not args.reuse:
+        shutil.rmtree(out)  # fresh stores: the numbers come from this run's ingest
     scenes = ud.list_scenes(ud.find_root(args.data), classes=args.classes, per_class=args.per_class)
-    mosaic = ud.write_mosaic(scenes, out / "ucmerced-mosaic.tif")
+    mpath = out / "ucmerced-mosaic.tif"
+    if args.reuse and mpath.exists():
+        mosaic = ud.Mosaic(mpath, ud.mosaic_columns(len(scenes)), tuple(scenes),
+                           tuple(dict.fromkeys(s.cls for s in scenes)))
+    else:
+        mosaic = ud.write_mosaic(scenes, mpath)
     say(f"{len(scenes)} scenes of {len(mosaic.classes)} classes -> {mosaic.path}")
     ms = methods(args.resnet18_weights)
     plan = Plan(queries_per_class=args.queries_per_class, seed=args.seed)
@@ -227,9 +237,10 @@ def main(argv: list[str] | None = None) -> int:
         n_threads = sum(w["nthreads"] for w in client.scheduler_info()["workers"].values())
         threads = max(1, environment_threads() // max(n_threads, 1))
         stores, labels = build(mosaic, ms, out, client=client, threads=threads, timings=results["seconds"])
+        full_rows = set(args.all_rows.split(",")) if args.all_rows else {m.key for m in ms}
         for m in ms:
             say(f"evaluate {m.title}")
-            ev = evaluate(stores[m.key], labels, plan)
+            ev = evaluate(stores[m.key], labels, plan if m.key in full_rows else Plan(one_only=True))
             results["methods"][m.key] = ev.results
             results["seconds"].update({f"{m.key} {k}": v for k, v in ev.seconds.items()})
     results["seconds"]["total"] = time.perf_counter() - t_start

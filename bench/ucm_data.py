@@ -90,6 +90,11 @@ def read_scene(path: Path) -> np.ndarray:
         return np.asarray(im, dtype=np.uint8)
 
 
+def mosaic_columns(n: int) -> int:
+    """Scenes per mosaic row by default: a near-square grid."""
+    return int(np.ceil(np.sqrt(n)))
+
+
 def write_mosaic(scenes: list[Scene], path: str | Path, *, columns: int | None = None) -> Mosaic:
     """Write ``scenes`` into one tiled, deflate-compressed RGB GeoTIFF (no CRS)."""
     import warnings
@@ -97,7 +102,7 @@ def write_mosaic(scenes: list[Scene], path: str | Path, *, columns: int | None =
     import rasterio
     from rasterio.windows import Window
 
-    cols = columns or int(np.ceil(np.sqrt(len(scenes))))
+    cols = columns or mosaic_columns(len(scenes))
     rows = -(-len(scenes) // cols)
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
