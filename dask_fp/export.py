@@ -168,7 +168,11 @@ def _fit(draw: Any, text: str, width: int) -> str:
 
 
 def write_outputs(hits: Hits, out_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """``hits.csv``, ``hits.geojson`` (+ ``hits-pixels.geojson``) and one mosaic per query."""
+    """``hits.csv``, ``hits.geojson`` (+ ``hits-pixels.geojson``), one mosaic per query, and
+    the places (``places.geojson``, ``places.parquet``) and score rasters (``scores-*.tif``)
+    of :mod:`dask_fp.places`."""
+    from .places import score_rasters, write_places
+
     d = Path(out_dir)
     d.mkdir(parents=True, exist_ok=True)
     hits.table.to_csv(d / "hits.csv", index=False)
@@ -179,4 +183,13 @@ def write_outputs(hits: Hits, out_dir: str | os.PathLike[str]) -> dict[str, Any]
     for i in range(len(hits.queries)):
         name = "mosaic.png" if len(hits.queries) == 1 else f"mosaic-{i}.png"
         files["mosaics"].append(mosaic(hits, i, d / name))
+    for old in d.glob("scores-q*-s*.tif"):  # never leave rasters of an earlier run beside new ones
+        old.unlink()
+    try:
+        import geopandas  # noqa: F401
+    except ImportError:
+        files["places"] = "not written: install the places extra (pip install 'dask-fp[places]')"
+    else:
+        files.update(write_places(hits, d))
+    files["score_rasters"] = score_rasters(hits, d)
     return files

@@ -54,6 +54,23 @@ class Hits:
     def to_geojson(self, path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
         return hits_geojson(self, path)
 
+    def to_polygons(self) -> Any:
+        """Dissolved hit footprints (places) in WGS84 as a GeoDataFrame; see :mod:`dask_fp.places`."""
+        from .places import places
+
+        return places(self)[0]
+
+    def to_geoparquet(self, path: str | os.PathLike[str]) -> str:
+        """Write the places (:meth:`to_polygons`) as GeoParquet; returns the path."""
+        self.to_polygons().to_parquet(path)
+        return str(path)
+
+    def score_raster(self, out_dir: str | os.PathLike[str]) -> list[str]:
+        """One COG per (query, source): distance or probability per window; see :mod:`dask_fp.places`."""
+        from .places import score_rasters
+
+        return score_rasters(self, out_dir)
+
     def mosaic(self, path: str | os.PathLike[str], query: int = 0) -> str:
         return mosaic(self, query, path)
 
