@@ -163,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     inf = sub.add_parser("info", help="describe a store")
     inf.add_argument("store")
     inf.add_argument("--json", action="store_true")
+    inf.add_argument("--verify", action="store_true",
+                     help="also check that every chunk file of committed rows exists (one stat per file)")
 
     q = sub.add_parser("query", help="find the tiles most like a picture, a uid or a place")
     q.add_argument("store")
@@ -252,7 +254,11 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from .store import format_summary, open_store
 
-    info = open_store(args.store).info()
+    store = open_store(args.store)
+    info = store.info()
+    if args.verify:
+        store.verify()  # a StoreError naming the missing files, or nothing
+        info["verified"] = True
     print(json.dumps(info, indent=2) if args.json else format_summary(info))
     return 0
 

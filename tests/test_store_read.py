@@ -231,3 +231,19 @@ def test_deleted_chunk_is_found_by_the_reads_that_touch_it(tmp_path):
     with pytest.raises(StoreError, match=r"damaged"):
         st.verify()
     st.coords(np.array([1, 2, 40]))["lon"]  # lat's chunk 6 holds rows 48..55: not touched
+
+
+def test_info_verify_walks_every_chunk_file_on_request(tmp_path):
+    """`dask-fp info --verify` finds a deleted chunk file in the middle of a store that plain `info`
+    (which samples) and opening (which stats none) need not touch."""
+    import subprocess
+    import sys
+
+    built = build_store(tmp_path / "v.zarr", [SourceSpec(shape=(970, 1310), keep=None, path="a.tif")], dim=16,
+                        rows_per_chunk=64, seed=1)
+    run = [sys.executable, "-m", "dask_fp.cli", "info", str(built.path)]
+    ok = subprocess.run([*run, "--verify"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "verified" in ok.stdout
+    (built.path / "wx" / "c" / "7").unlink()  # rows 448..511 of 1131
+    bad = subprocess.run([*run, "--verify"], capture_output=True, text=True)
+    assert bad.returncode == 1 and "wx/c/7 missing (rows 448..511" in bad.stderr

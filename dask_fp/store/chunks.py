@@ -5,8 +5,8 @@ a deleted file into wrong answers. Writers store every chunk, even one equal
 to the fill value, so a missing chunk file of committed rows means damage.
 Readers check exactly the chunk files a read touches (one ``stat`` each, in
 the task that reads them), so the cost grows with the question, not with the
-store; :func:`check_all` walks every file (the writer does that before it
-appends).
+store; :func:`check_all` walks every file (on request, ``Store.verify``). The
+writer checks only the chunk its first append rewrites.
 
 A :class:`ChunkFiles` holds only strings and numbers: it is cheap to send to
 workers and tokenizes deterministically.

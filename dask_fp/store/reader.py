@@ -239,6 +239,8 @@ def format_summary(info: dict[str, Any]) -> str:
     for s in info["source_table"]:
         lines.append(f"  [{s['index']}] {s['path']}: {s['tiles']} tiles of {s['windows']} windows, "
                      f"{s['crs_name'] or 'no CRS'}")
+    if info.get("verified"):
+        lines.append("verified   every chunk file of the committed rows is on disk")
     if "this_run" in info:
         r = info["this_run"]
         lines.append(f"this run   {r['tiles_added']} tiles in {r['seconds']} s ({r['tiles_per_second']} tiles/s)"

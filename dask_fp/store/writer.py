@@ -15,9 +15,8 @@ import numpy as np
 
 from .._version import __version__
 from ..errors import StoreError, StoreMismatchError
-from . import sources
+from . import chunks, sources
 from .lock import LOCK_NAME, read_lock, writer_lock
-from .reader import check_chunks
 from .region import write_granularity
 from .schema import COORD_DTYPES, COORDS, StoreSettings, now, open_arrays, open_group, rows_per_chunk
 
@@ -52,8 +51,13 @@ class StoreWriter:
         self.attrs = dict(self.group.attrs)
         self.arrays = open_arrays(self.group, path)
         self.rows = self.arrays["fingerprint"].chunks[0]
-        # Appending to a damaged store would bury the damage under new rows: refuse.
-        check_chunks(path, self.arrays, int(self.attrs.get("committed", 0)), lambda: self.sources)
+        # The chunk holding the last committed row is rewritten by the first append (its rows
+        # past ``committed`` are filled): if its file is gone, appending would bury the damage
+        # under new rows, so refuse. Only that chunk of each array is checked (a bounded cost);
+        # damage elsewhere is reported by the reads that touch it (``store/chunks.py``).
+        committed = int(self.attrs.get("committed", 0))
+        chunks.require(path, [chunks.ChunkFiles.of(path, n, a) for n, a in self.arrays.items()],
+                       lambda f: f.indices(max(committed - 1, 0), committed), committed, lambda: self.sources)
         self._repair()
 
     def _create(self, s: StoreSettings) -> None:
