@@ -20,9 +20,10 @@ from dask.sizeof import sizeof
 
 from .errors import DaskFpError, RasterError, StoreMismatchError
 from .fingerprint import block_tasks
+from .inputs import file_sha256
 from .models import ModelOptions, ResolvedWeights, get_spec, precision_label, resolve_weights
 from .pipeline import Pipeline, SourceJob, in_flight, progress_printer
-from .raster import RasterOptions, RasterSpec, file_sha256, inspect_raster, open_raster
+from .raster import RasterOptions, RasterSpec, inspect_raster, open_raster
 from .store import StoreSettings, open_store, open_writer
 from .store.region import SourceGeo
 from .tiling import Tiling, grid_shape

@@ -12,7 +12,6 @@ into uint8 RGB plus the empty-pixel mask; it is pure numpy.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import warnings
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from .errors import RasterError
+from .inputs import file_sha256, gdal_path, remote_error
 from .tiling import Affine6, Tiling, chunk_sizes, crop_size
 
 if TYPE_CHECKING:
@@ -97,84 +97,6 @@ def limit_gdal_cache(mb: int = GDAL_CACHE_MB) -> None:
     from rasterio.env import set_gdal_config
 
     set_gdal_config("GDAL_CACHEMAX", int(mb))
-
-
-#: URL schemes and the GDAL virtual file systems they become.
-_SCHEMES = {"http://": "/vsicurl/", "https://": "/vsicurl/", "s3://": "/vsis3/", "gs://": "/vsigs/"}
-
-
-def gdal_path(path: str | os.PathLike[str]) -> str | None:
-    """The GDAL path of a remote input, or None for a local file.
-
-    ``http(s)://…`` becomes ``/vsicurl/http(s)://…`` (GDAL reads it with HTTP
-    range requests, so a Cloud-Optimized GeoTIFF is read block by block),
-    ``s3://bucket/key`` becomes ``/vsis3/bucket/key`` and ``gs://`` ``/vsigs/``;
-    a path that already starts with ``/vsi`` is used as is.
-    """
-    s = os.fspath(path)
-    if isinstance(s, bytes):
-        s = os.fsdecode(s)
-    if s.startswith("/vsi"):
-        return s
-    for scheme, vsi in _SCHEMES.items():
-        if s.lower().startswith(scheme):
-            return vsi + (s if vsi == "/vsicurl/" else s[len(scheme):])
-    return None
-
-
-def _http_url(p: str) -> str | None:
-    """The URL behind a ``/vsicurl/`` path (None for other GDAL paths)."""
-    return p[len("/vsicurl/"):] if p.startswith("/vsicurl/") else None
-
-
-def remote_error(p: str, reason: str) -> str:
-    """An error message for a remote input that GDAL could not read: the URL, why, what to check."""
-    url = _http_url(p)
-    if url is not None:
-        return (f"{url}: cannot read it over HTTP ({reason}). Check that the URL is right, that the"
-                " server answers from this machine and from every Dask worker, and that it supports"
-                " range requests (a Cloud-Optimized GeoTIFF is read in pieces).")
-    return (f"{p}: GDAL cannot read it ({reason}). Check the path, that it is reachable from this"
-            " machine and from every Dask worker, and the credentials GDAL uses for it (for /vsis3/:"
-            " AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE, AWS_REGION; AWS_NO_SIGN_REQUEST=YES"
-            " for a public bucket).")
-
-
-def remote_sha256(p: str, *, block: int = 1 << 22) -> str:
-    """sha256 of a remote input's bytes, streamed once with urllib (the same hash as of a local copy).
-
-    Only HTTP(S) inputs (``/vsicurl/``); other GDAL virtual file systems
-    (``/vsis3/``, ``/vsigs/``, ...) are refused with a clear error for now.
-    """
-    url = _http_url(p)
-    if url is None or "/vsi" in url:
-        raise RasterError(
-            f"{p}: hashing inputs on this virtual file system is not supported yet (only http(s)"
-            " URLs and local files); copy the file locally or serve it over HTTP(S)."
-        )
-    import urllib.error
-    import urllib.request
-
-    h = hashlib.sha256()
-    try:
-        with urllib.request.urlopen(url, timeout=60) as r:  # noqa: S310 (the user's own input URL)
-            while chunk := r.read(block):
-                h.update(chunk)
-    except (urllib.error.URLError, OSError) as e:
-        raise RasterError(remote_error(p, f"reading it to hash its content: {e}")) from None
-    return h.hexdigest()
-
-
-def file_sha256(path: str | os.PathLike[str], *, block: int = 1 << 22) -> str:
-    """Streaming sha256 of an input's bytes: a local file, or a remote one (:func:`remote_sha256`)."""
-    remote = gdal_path(path)
-    if remote is not None:
-        return remote_sha256(remote, block=block)
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def inspect_raster(

@@ -284,7 +284,7 @@ def raster_store(
         tif = write_geotiff(d / f"ortho{i}.tif", *size, crs=c, seed=seed + i)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # NotGeoreferencedWarning for the plain TIFF
-            entry = _source_entry(inspect_raster(tif), i)
+            entry = _source_entry(inspect_raster(tif), i, Tiling(tile, stride))
         specs.append(SourceSpec(shape=tuple(entry["shape"]), entry=entry, path=entry["path"]))
     return build_store(d / "store", specs, dim=dim, tile=tile, stride=stride, rows_per_chunk=50,
                        seed=seed)
