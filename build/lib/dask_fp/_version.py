@@ -1,3 +1,0 @@
-"""The package version (its own module, so submodules need not import the package)."""
-
-__version__ = "0.1.0"
