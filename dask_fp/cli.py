@@ -286,8 +286,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 
     with _cluster(args):
         session = _session(args)
-        filtered = args.area is not None or args.sources  # filters run on the exact scan
-        method = "exact" if filtered and args.method == "auto" else choose_method(session.store, args.method)
+        method = choose_method(session.store, args.method, filtered=args.area is not None or bool(args.sources))
         print(f"method {method} ({session.store.committed} rows; --method {args.method})", file=sys.stderr)
         if args.persist:
             session.store.persist()

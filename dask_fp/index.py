@@ -147,13 +147,19 @@ def has_index(store: Store) -> bool:
     return True
 
 
-def choose_method(store: Store, method: str) -> str:
+def choose_method(store: Store, method: str, *, filtered: bool = False) -> str:
     """``exact`` or ``codes`` for ``method`` in (``auto``, ``exact``, ``codes``).
 
     ``auto`` picks codes for stores of at least :data:`AUTO_CODES_ROWS` rows with an index.
+    Area and source filters (``filtered``) run on the exact scan: ``auto`` is then
+    exact, and ``codes`` is refused.
     """
     if method not in ("auto", "exact", "codes"):
         raise QueryError(f"method must be auto, exact or codes, got {method!r}")
+    if filtered:
+        if method == "codes":
+            raise QueryError("area and source filters run on the exact scan; drop --method codes, or the filter.")
+        return "exact"
     if method == "auto":
         return "codes" if store.committed >= AUTO_CODES_ROWS and has_index(store) else "exact"
     return method

@@ -153,11 +153,7 @@ def search(
     m = candidates_needed(int(k), tiling, dedup=dedup, from_store=from_store, n_own=n_own)
     vecs = np.stack([q.vector for q in qs]).astype(np.float32)
 
-    how = choose_method(st, method)
-    if how == "codes" and where is not None:
-        if method == "codes":
-            raise QueryError("area and source filters run on the exact scan; drop --method codes, or the filter.")
-        how = "exact"
+    how = choose_method(st, method, filtered=where is not None)
 
     def run() -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         if how == "codes":

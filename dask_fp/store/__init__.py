@@ -31,12 +31,12 @@ crash tests' pause points, inert unless set).
 from __future__ import annotations
 
 from .lock import LOCK_NAME, break_lock, describe_lock, lock_is_stale, read_lock, writer_lock
-from .reader import Store, check_chunks, format_summary, open_store, store_summary
+from .reader import Store, format_summary, open_store, store_summary
 from .schema import COORD_DTYPES, COORDS, QUERY_TASK_CHUNKS, SETTING_KEYS, StoreSettings, rows_per_chunk
 from .writer import StoreWriter, open_writer
 
 __all__ = [
     "COORDS", "COORD_DTYPES", "LOCK_NAME", "QUERY_TASK_CHUNKS", "SETTING_KEYS", "Store", "StoreSettings",
-    "StoreWriter", "break_lock", "check_chunks", "describe_lock", "format_summary", "lock_is_stale", "open_store",
+    "StoreWriter", "break_lock", "describe_lock", "format_summary", "lock_is_stale", "open_store",
     "open_writer", "read_lock", "rows_per_chunk", "store_summary", "writer_lock",
 ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,17 +15,6 @@ from .sources import read_rows, read_sources
 
 #: Row chunks per array whose files ``dask-fp info`` stats for the bytes on disk.
 INFO_SAMPLE_CHUNKS = 16
-
-
-def check_chunks(
-    path: Path, arrays: dict[str, Any], committed: int, sources: Callable[[], list[dict[str, Any]]]
-) -> None:
-    """Every chunk file that holds committed rows must exist: one ``stat`` per file.
-
-    Readers do not call this (they check the files each read touches); the
-    writer does, before appending, and :meth:`Store.verify` on request.
-    """
-    check_all(path, arrays, committed, sources)
 
 
 class Store:
@@ -79,7 +67,7 @@ class Store:
 
     def verify(self) -> None:
         """Check that every chunk file of committed rows exists (one ``stat`` per file)."""
-        check_chunks(self.path, self.arrays, self.committed, lambda: self.sources)
+        check_all(self.path, self.arrays, self.committed, lambda: self.sources)
 
     def read(self, name: str, rows: np.ndarray | slice) -> np.ndarray:
         """Committed rows ``rows`` (indices or a slice) of array ``name``; reads only their chunks.
