@@ -51,19 +51,6 @@ class BlockPlan:
         return (self.wy1 - self.wy0) * (self.wx1 - self.wx0)
 
 
-def cut_windows(rgb: np.ndarray, keep: np.ndarray, *, tile: int, stride: int) -> np.ndarray:
-    """The kept windows of a block as ``(n, 3, T, T)`` uint8.
-
-    ``keep`` is a boolean ``(n_wy, n_wx)`` grid; window ``(i, j)`` covers
-    ``rgb[:, i*S : i*S+T, j*S : j*S+T]``.
-    """
-    iy, ix = np.nonzero(keep)
-    out = np.empty((iy.size, rgb.shape[0], tile, tile), dtype=rgb.dtype)
-    for n, (i, j) in enumerate(zip(iy * stride, ix * stride, strict=True)):
-        out[n] = rgb[:, i : i + tile, j : j + tile]
-    return out
-
-
 def block_kernel(
     block: np.ndarray,
     plan: BlockPlan,
@@ -88,7 +75,8 @@ def block_kernel(
     precision = None
     if iy.size:  # an all-empty block never loads or runs the model
         loaded = load_model(model, weights)
-        feats = loaded.embed(cut_windows(rgb, keep, tile=tiling.tile, stride=tiling.stride))
+        # The model takes the block and the kept windows' places: no copy of all windows at once.
+        feats = loaded.embed_windows(rgb, iy, ix, tile=tiling.tile, stride=tiling.stride)
         precision = loaded.precision
     else:
         feats = np.empty((0, get_spec(model.name).dim), dtype=np.float32)

