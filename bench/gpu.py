@@ -16,6 +16,12 @@ Prints:
   (textured synthetic imagery, written first), with one GPU worker process
   whose threads read, tile and feed the GPU (goals on one H200: >= 20,000
   tiles/s model-only, >= 5,000 tiles/s end to end).
+
+``--e2e-only`` skips the model-only and agreement parts; ``--models`` runs
+the end-to-end ingest with each named model (e.g. ``resnet18,colour-layout``:
+the second is the near-zero-cost numpy baseline, so its rate is the
+pipeline's ceiling); ``--profile`` prints where the worker's threads spent
+their time (Dask's statistical profiler, functions by share of samples).
 """
 
 from __future__ import annotations
@@ -72,7 +78,34 @@ def agreement(n: int = 512) -> float:
     return float(cos.min())
 
 
-def end_to_end(size: int, batch: int, workers: int, threads: int, work: Path) -> tuple[int, float]:
+def profile_summary(client, start: float, top: int = 30) -> str:
+    """The worker profile since ``start``: functions by cumulative and by own share of samples."""
+    import collections
+
+    prof = client.profile(start=start)
+    cum: collections.Counter = collections.Counter()
+    own: collections.Counter = collections.Counter()
+
+    def walk(node: dict, stack: frozenset) -> None:
+        d = node.get("description") or {}
+        key = f"{d.get('name')} ({Path(d.get('filename', '?')).name}:{d.get('line_number', '')})" if d else "all"
+        kids = list(node.get("children", {}).values())
+        if key not in stack:
+            cum[key] += node["count"]
+        own[key] += node["count"] - sum(k["count"] for k in kids)
+        for k in kids:
+            walk(k, stack | {key})
+
+    walk(prof, frozenset())
+    total = max(prof["count"], 1)
+    lines = [f"worker profile: {total} samples", "cumulative:"]
+    lines += [f"  {v / total:6.1%} {k}" for k, v in cum.most_common(top)]
+    lines += ["own:"] + [f"  {v / total:6.1%} {k}" for k, v in own.most_common(top)]
+    return "\n".join(lines)
+
+
+def end_to_end(size: int, batch: int, workers: int, threads: int, work: Path, model: str = "resnet18",
+               profile: bool = False) -> tuple[int, float]:
     import rasterio
     from distributed import Client, LocalCluster
     from rasterio.transform import from_origin
@@ -94,11 +127,14 @@ def end_to_end(size: int, batch: int, workers: int, threads: int, work: Path) ->
     shutil.rmtree(store, ignore_errors=True)
     with LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True, host="127.0.0.1",
                       resources={"GPU": 1}) as lc, Client(lc) as client:
-        opts = ModelOptions("resnet18", weights="random", device="cuda", batch_size=batch,
-                            resources=(("GPU", 1.0),) if workers > 1 else None)
-        t0 = time.perf_counter()
+        opts = ModelOptions(model, weights="random" if model != "colour-layout" else None, device="cuda",
+                            batch_size=batch, resources=(("GPU", 1.0),) if workers > 1 else None)
+        t0, wall0 = time.perf_counter(), time.time()
         rep = dask_fp.ingest([str(tif)], str(store), model=opts, client=client, progress=False)
         dt = time.perf_counter() - t0
+        if profile:
+            time.sleep(1.5)  # the workers' last profile cycle
+            print(profile_summary(client, wall0))
     return rep.tiles, dt
 
 
@@ -109,6 +145,9 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--threads", type=int, default=8)
     p.add_argument("--work", default="/tmp/dask-fp-gpu")
+    p.add_argument("--models", default="resnet18", help="comma-separated models for the end-to-end runs")
+    p.add_argument("--e2e-only", action="store_true", help="skip the model-only and bf16 agreement parts")
+    p.add_argument("--profile", action="store_true", help="print the worker profile of each end-to-end run")
     a = p.parse_args()
     import torch
 
@@ -116,13 +155,16 @@ def main() -> int:
         print("no CUDA device visible to torch; nothing to measure", file=sys.stderr)
         return 2
     print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
-    print("\n| batch | model-only tiles/s (ResNet-18, 256 px, bf16, channels_last) |\n|---|---|")
-    for bs, rate in model_only([128, 256, 512]):
-        print(f"| {bs} | {rate:,.0f} |")
-    print(f"\nbf16 vs fp32 fingerprints, min cosine over 512 windows: {agreement():.5f} (goal >= 0.999)")
-    n, dt = end_to_end(a.size, a.batch, a.workers, a.threads, Path(a.work))
-    print(f"\nend to end: {n} tiles in {dt:.1f} s = {n / dt:,.0f} tiles/s "
-          f"({a.workers} worker x {a.threads} threads, batch {a.batch}, {a.size} px GeoTIFF on local disk)")
+    if not a.e2e_only:
+        print("\n| batch | model-only tiles/s (ResNet-18, 256 px, bf16, channels_last) |\n|---|---|")
+        for bs, rate in model_only([128, 256, 512]):
+            print(f"| {bs} | {rate:,.0f} |")
+        print(f"\nbf16 vs fp32 fingerprints, min cosine over 512 windows: {agreement():.5f} (goal >= 0.999)")
+    for model in a.models.split(","):
+        n, dt = end_to_end(a.size, a.batch, a.workers, a.threads, Path(a.work), model, a.profile)
+        print(f"\nend to end, {model}: {n} tiles in {dt:.1f} s = {n / dt:,.0f} tiles/s "
+              f"({a.workers} worker x {a.threads} threads, batch {a.batch}, {a.size} px GeoTIFF on local disk)",
+              flush=True)
     return 0
 
 
