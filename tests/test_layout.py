@@ -128,3 +128,17 @@ def test_cli_ingest_with_colour_layout(tmp_path, client, capsys):
     rc = main(["ingest", str(tif), "--store", str(tmp_path / "t.zarr"), "--model", "colour-layout",
                "--weights", "random", "--quiet", "--scheduler", client.scheduler.address])
     assert rc != 0 and "without weights" in capsys.readouterr().err
+
+
+def test_device_windows_gathers_the_same_pixels_as_numpy():
+    """The GPU path's gather (block moved once, windows indexed on the device), run on the CPU,
+    gives exactly the windows numpy cuts, batch by batch."""
+    from dask_fp.models import device_windows
+
+    rng = np.random.default_rng(2)
+    rgb = rng.integers(0, 256, (3, 4 * 32 + 64 + 5, 3 * 32 + 64), dtype=np.uint8)
+    iy, ix = np.nonzero(rng.random((5, 4)) < 0.6)
+    batch = device_windows(rgb, iy, ix, tile=64, stride=32, batch_size=4, device="cpu")
+    for i in range(0, len(iy), 4):
+        got = batch(i).numpy()
+        np.testing.assert_array_equal(got, gather_windows(rgb, iy[i:i + 4], ix[i:i + 4], tile=64, stride=32))
