@@ -6,12 +6,17 @@ windows it owns, drop the empty ones *before* the model runs, and
 fingerprint the rest. A window's fingerprint does not depend on the
 chunking: its pixels are the same whichever block cuts it.
 
-Reading the halo from the file costs decoding the neighbours' edge blocks;
-each worker thread keeps its datasets open (:func:`open_dataset`), so GDAL's
-block cache serves a halo its neighbour already decoded in the same thread
-(the previous design read each chunk once as a Dask array and moved halo
-strips between tasks with ``dask.array.overlap``: a copy of every block and
-worker-to-worker transfers, measured slower in bench/ingest.py section 7).
+Reading the halo from the file costs decoding the neighbours' edge blocks
+again: GDAL decodes a multi-band window of a pixel-interleaved GeoTIFF
+straight into the output, not through its block cache (measured: +40 % CPU
+for a 2048 px chunk with 512 px internal blocks; reading band by band through
+the cache costs 3x more). The previous design read each chunk once as a Dask
+array and attached halo strips with ``dask.array.overlap``: a copy of every
+block, xarray's indexing layers and worker-to-worker transfers, about twice
+the worker CPU per tile in total (docs/performance.md, "Pipeline ceiling").
+Each worker thread keeps its datasets open (:func:`open_dataset`), so a
+block does not pay for opening the file (for ``/vsicurl/`` inputs: header
+requests) again.
 """
 
 from __future__ import annotations
@@ -68,10 +73,11 @@ _local = threading.local()
 def open_dataset(path: str, sha256: str) -> Any:
     """A rasterio dataset of ``path`` kept open in this thread, reopened when the file changed.
 
-    GDAL datasets are not safe to share between threads, and their block cache
-    dies with the handle: keeping one per thread lets a block's halo come from
-    the cache when its neighbour ran in the same thread. Keyed by the content
-    hash and, for local files, the file's identity (inode, size, mtime).
+    GDAL datasets are not safe to share between threads, so each thread keeps
+    its own (at most :data:`OPEN_DATASETS_PER_THREAD`); the next block of the
+    same file skips the open (and, for remote inputs, its header requests).
+    Keyed by the content hash and, for local files, the file's identity
+    (inode, size, mtime), so a file replaced under the same path is reopened.
     """
     import rasterio
 
