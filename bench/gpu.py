@@ -78,32 +78,6 @@ def agreement(n: int = 512) -> float:
     return float(cos.min())
 
 
-def profile_summary(client, start: float, top: int = 30) -> str:
-    """The worker profile since ``start``: functions by cumulative and by own share of samples."""
-    import collections
-
-    prof = client.profile(start=start)
-    cum: collections.Counter = collections.Counter()
-    own: collections.Counter = collections.Counter()
-
-    def walk(node: dict, stack: frozenset) -> None:
-        d = node.get("description") or {}
-        key = f"{d.get('name')} ({Path(d.get('filename', '?')).name}:{d.get('line_number', '')})" if d else "all"
-        kids = list(node.get("children", {}).values())
-        if key not in stack:
-            cum[key] += node["count"]
-        own[key] += node["count"] - sum(k["count"] for k in kids)
-        for k in kids:
-            walk(k, stack | {key})
-
-    walk(prof, frozenset())
-    total = max(prof["count"], 1)
-    lines = [f"worker profile: {total} samples", "cumulative:"]
-    lines += [f"  {v / total:6.1%} {k}" for k, v in cum.most_common(top)]
-    lines += ["own:"] + [f"  {v / total:6.1%} {k}" for k, v in own.most_common(top)]
-    return "\n".join(lines)
-
-
 def end_to_end(size: int, batch: int, workers: int, threads: int, work: Path, model: str = "resnet18",
                profile: bool = False) -> tuple[int, float]:
     import rasterio
@@ -139,6 +113,8 @@ def end_to_end(size: int, batch: int, workers: int, threads: int, work: Path, mo
                 print(f"warm-up ({model}, 2048 px, fresh workers): {time.perf_counter() - t0:.1f} s")
         dt = time.perf_counter() - t0  # the timed run, on warm workers
         if profile:
+            from ingest_profile import profile_summary  # bench/, beside this script
+
             time.sleep(1.5)  # the workers' last profile cycle
             print(profile_summary(client, wall0))
     print(f"{model}: stored vs embed() of the same windows cut here, min cosine over 64 tiles:"
