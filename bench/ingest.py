@@ -21,7 +21,9 @@ Markdown tables (medians of ``--repeats``):
    windows/s), fresh files per repeat; then the bytes the client process
    received (``IngestReport.client_bytes``: ``dask.sizeof`` of every result it
    gathered) against the fingerprint bytes written, and the client's RSS, as a
-   store grows 10x.
+   store grows 10x;
+7. pipeline ceiling and 8. model-bound ingest against single-process peers
+   (in bench/ingest_peers.py; see its docstring).
 
 The model is ResNet-18 with ``weights="random"`` (seeded): the values do not
 matter for speed and ImageNet weights cannot be downloaded here. The test
@@ -383,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--sections", default="1,2,3,4,5,6")
     p.add_argument("--small-sources", type=int, default=16, help="section 6: number of small sources (a square)")
+    p.add_argument("--ceiling-size", type=int, default=8192, help="section 7: side of each raster (px)")
+    p.add_argument("--lite0-size", type=int, default=2048, help="section 8: side of each raster (px)")
     args = p.parse_args(argv)
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -392,10 +396,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         size, big, repeats, chunks, batches = 768, [2560, 5120], 1, [512, 2048], [16, 64]
     sections = set(args.sections.split(","))
+    if args.quick:
+        args.ceiling_size, args.lite0_size = 1024, 512
     print(f"# dask-fp ingest benchmark\n\nmachine: {os.cpu_count()} cores ({threads} usable), python "
           f"{sys.version.split()[0]}; OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE')}")
     pix = drone_pixels(Path(args.data))
-    img = write_mosaic(pix, size, work / f"mosaic-{size}.tif")
+    img = write_mosaic(pix, size, work / f"mosaic-{size}.tif") if sections & set("123456") else None
     if "1" in sections:
         section_end_to_end(img, work, repeats, threads)
     if "2" in sections:
@@ -408,6 +414,15 @@ def main(argv: list[str] | None = None) -> int:
         section_codecs(work)
     if "6" in sections:
         section_scale_out(pix, work, repeats, threads, args.small_sources)
+    peers = dict(write_mosaic=write_mosaic, ingest=dask_ingest, cluster=cluster, table=table)
+    if "7" in sections:
+        from ingest_peers import section_ceiling
+
+        section_ceiling(pix, work, args.ceiling_size, repeats, threads, tiling=TILING, **peers)
+    if "8" in sections:
+        from ingest_peers import section_model_bound
+
+        section_model_bound(pix, work, args.lite0_size, repeats, threads, plain_loop=plain_loop, **peers)
     return 0
 
 

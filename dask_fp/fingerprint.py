@@ -1,19 +1,33 @@
 """The per-block kernel and the Dask graph that applies it.
 
-One task per raster block: cut the windows the block owns (using its
-``T - S`` halo from the neighbours below and to the right), drop the empty
-ones *before* the model runs, and fingerprint the rest. A window's
-fingerprint does not depend on the chunking: its pixels are the same
-whichever block cuts it.
+One task per raster block: read the block with its ``T - S`` halo below and
+to the right straight from the file (one windowed rasterio read), cut the
+windows it owns, drop the empty ones *before* the model runs, and
+fingerprint the rest. A window's fingerprint does not depend on the
+chunking: its pixels are the same whichever block cuts it.
+
+Reading the halo from the file costs decoding the neighbours' edge blocks
+again: GDAL decodes a multi-band window of a pixel-interleaved GeoTIFF
+straight into the output, not through its block cache (measured: +40 % CPU
+for a 2048 px chunk with 512 px internal blocks; reading band by band through
+the cache costs 3x more). The previous design read each chunk once as a Dask
+array and attached halo strips with ``dask.array.overlap``: a copy of every
+block, xarray's indexing layers and worker-to-worker transfers, about twice
+the worker CPU per tile in total (docs/performance.md, "Pipeline ceiling").
+Each worker thread keeps its datasets open (:func:`open_dataset`), so a
+block does not pay for opening the file (for ``/vsicurl/`` inputs: header
+requests) again.
 """
 
 from __future__ import annotations
 
+import os
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import dask
-import dask.array as da
 import numpy as np
 from dask.delayed import Delayed
 
@@ -51,17 +65,59 @@ class BlockPlan:
         return (self.wy1 - self.wy0) * (self.wx1 - self.wx0)
 
 
-def cut_windows(rgb: np.ndarray, keep: np.ndarray, *, tile: int, stride: int) -> np.ndarray:
-    """The kept windows of a block as ``(n, 3, T, T)`` uint8.
+#: Rasterio datasets each worker thread keeps open (GDAL's block cache is per dataset handle).
+OPEN_DATASETS_PER_THREAD = 8
+_local = threading.local()
 
-    ``keep`` is a boolean ``(n_wy, n_wx)`` grid; window ``(i, j)`` covers
-    ``rgb[:, i*S : i*S+T, j*S : j*S+T]``.
+
+def open_dataset(path: str, sha256: str) -> Any:
+    """A rasterio dataset of ``path`` kept open in this thread, reopened when the file changed.
+
+    GDAL datasets are not safe to share between threads, so each thread keeps
+    its own (at most :data:`OPEN_DATASETS_PER_THREAD`); the next block of the
+    same file skips the open (and, for remote inputs, its header requests).
+    Keyed by the content hash and, for local files, the file's identity
+    (inode, size, mtime), so a file replaced under the same path is reopened.
     """
-    iy, ix = np.nonzero(keep)
-    out = np.empty((iy.size, rgb.shape[0], tile, tile), dtype=rgb.dtype)
-    for n, (i, j) in enumerate(zip(iy * stride, ix * stride, strict=True)):
-        out[n] = rgb[:, i : i + tile, j : j + tile]
-    return out
+    import rasterio
+
+    ident: tuple[object, ...] = (path, sha256)
+    if not path.startswith("/vsi"):
+        st = os.stat(path)
+        ident += (st.st_ino, st.st_size, st.st_mtime_ns)
+    cache: OrderedDict[tuple[object, ...], Any] | None = getattr(_local, "datasets", None)
+    if cache is None:
+        cache = _local.datasets = OrderedDict()
+    ds = cache.get(ident)
+    if ds is None or ds.closed:
+        ds = cache[ident] = rasterio.open(path)
+        while len(cache) > OPEN_DATASETS_PER_THREAD:
+            cache.popitem(last=False)[1].close()
+    cache.move_to_end(ident)
+    return ds
+
+
+def read_block(spec: RasterSpec, rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:
+    """Pixels ``[rows) x [cols)`` of the bands a block needs (colour bands, then alpha): ``(bands, h, w)``."""
+    from rasterio.windows import Window
+
+    indexes = list(spec.bands) + ([spec.alpha] if spec.alpha is not None else [])
+    ds = open_dataset(spec.path, spec.sha256)
+    return ds.read(indexes, window=Window(cols[0], rows[0], cols[1] - cols[0], rows[1] - rows[0]))
+
+
+def read_and_fingerprint(
+    spec: RasterSpec,
+    plan: BlockPlan,
+    rows: tuple[int, int],
+    cols: tuple[int, int],
+    tiling: Tiling,
+    model: ModelOptions,
+    weights: ResolvedWeights,
+) -> BlockResult:
+    """The block task: :func:`read_block` (with its halo), then :func:`block_kernel`."""
+    limit_gdal_cache()
+    return block_kernel(read_block(spec, rows, cols), plan, spec, tiling, model, weights)
 
 
 def block_kernel(
@@ -72,8 +128,7 @@ def block_kernel(
     model: ModelOptions,
     weights: ResolvedWeights,
 ) -> BlockResult:
-    """Windows → validity → model → features for one block (with its halo)."""
-    limit_gdal_cache()
+    """Windows → validity → model → features for one block (with its halo), pure numpy + model."""
     rgb, empty = to_rgb_and_empty(
         np.asarray(block),
         n_colour=len(spec.bands),
@@ -88,7 +143,8 @@ def block_kernel(
     precision = None
     if iy.size:  # an all-empty block never loads or runs the model
         loaded = load_model(model, weights)
-        feats = loaded.embed(cut_windows(rgb, keep, tile=tiling.tile, stride=tiling.stride))
+        # The model takes the block and the kept windows' places: no copy of all windows at once.
+        feats = loaded.embed_windows(rgb, iy, ix, tile=tiling.tile, stride=tiling.stride)
         precision = loaded.precision
     else:
         feats = np.empty((0, get_spec(model.name).dim), dtype=np.float32)
@@ -123,21 +179,17 @@ def block_tasks(
 ) -> list[tuple[BlockPlan, Delayed]]:
     """One delayed :class:`BlockResult` per raster block that owns windows.
 
-    The raster (``DataArray(band, y, x)`` from :func:`dask_fp.raster.open_raster`)
-    gets a halo of ``T - S`` pixels below and to the right of each block with
-    :func:`dask.array.overlap.overlap`; the model tasks carry the Dask
-    resources of ``model.resources`` so they land on GPU workers when asked.
+    Blocks follow the chunks of ``raster`` (``DataArray(band, y, x)`` from
+    :func:`dask_fp.raster.open_raster`, cropped to whole tiles); each task
+    reads its block plus a halo of ``T - S`` pixels below and to the right
+    (within the cropped image) straight from the file. The tasks carry the
+    Dask resources of ``model.resources`` so they land on GPU workers when asked.
     """
-    arr: da.Array = raster.data
+    chunks = raster.chunks or tuple((n,) for n in raster.shape)  # a numpy-backed raster: one block
+    ys = np.concatenate([[0], np.cumsum(chunks[1])]).astype(int)
+    xs = np.concatenate([[0], np.cumsum(chunks[2])]).astype(int)
     n_wy, n_wx = grid_shape(spec.height, spec.width, tile=tiling.tile, stride=tiling.stride)
-    plans = plan_blocks((arr.chunks[1], arr.chunks[2]), n_wy, n_wx, tiling.stride)
-    if not any(p.n_windows for p in plans):
-        return []
-    halo = tiling.halo
-    if halo and (len(arr.chunks[1]) > 1 or len(arr.chunks[2]) > 1):
-        depth = {0: 0, 1: (0, halo), 2: (0, halo)}
-        arr = da.overlap.overlap(arr, depth=depth, boundary="none", allow_rechunk=False)
-    blocks = arr.to_delayed()
+    plans = plan_blocks((chunks[1], chunks[2]), n_wy, n_wx, tiling.stride)
     annotations = {"resources": dict(model.resources)} if model.resources else {}
     out = []
     with dask.annotate(**annotations):
@@ -145,9 +197,11 @@ def block_tasks(
             if not plan.n_windows:
                 continue
             i, j = plan.index
-            task = dask.delayed(block_kernel, pure=True)(
-                blocks[0, i, j], plan, spec, tiling, model, weights,
-                dask_key_name=f"fingerprint-{dask.base.tokenize(spec.sha256, tiling, model, weights, arr.name, i, j)}",
+            rows = (int(ys[i]), int(min(ys[i + 1] + tiling.halo, ys[-1])))
+            cols = (int(xs[j]), int(min(xs[j + 1] + tiling.halo, xs[-1])))
+            key = dask.base.tokenize(spec, tiling, model, weights, rows, cols)
+            task = dask.delayed(read_and_fingerprint, pure=True)(
+                spec, plan, rows, cols, tiling, model, weights, dask_key_name=f"fingerprint-{key}",
             )
             out.append((plan, task))
     return out

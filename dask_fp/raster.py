@@ -367,7 +367,10 @@ def to_rgb_and_empty(
     empty : ndarray of bool, shape (h, w)
     """
     colour = block[:n_colour]
-    empty = np.all(colour == 0, axis=0)
+    if colour.dtype.kind in "biu":  # black in all bands: no bit set in any band (cheaper than np.all)
+        empty = np.bitwise_or.reduce(colour, axis=0) == 0
+    else:
+        empty = np.all(colour == 0, axis=0)
     if nodata is not None:
         empty |= np.any(colour == nodata, axis=0)
     if colour.dtype.kind == "f":

@@ -20,6 +20,7 @@ whose first pixel lies in that range; it needs ``T - S`` extra pixels after
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -147,12 +148,18 @@ def window_empty_fraction(
             f"block of shape {empty.shape} is too small for {n_wy}x{n_wx} windows of "
             f"{tile} px at stride {stride} (needs {need_y}x{need_x})"
         )
-    # Summed-area table with a zero row/column in front.
-    sat = np.zeros((need_y + 1, need_x + 1), dtype=np.int64)
-    np.cumsum(np.cumsum(empty[:need_y, :need_x], axis=0, dtype=np.int64), axis=1, out=sat[1:, 1:])
-    y0 = np.arange(n_wy) * stride
-    x0 = np.arange(n_wx) * stride
-    y1, x1 = y0 + tile, x0 + tile
+    # Empty pixels per cell of g = gcd(T, S) pixels (every window is a whole number of cells),
+    # then a summed-area table over the cells, with a zero row/column in front.
+    g = math.gcd(tile, stride)
+    cy, cx = need_y // g, need_x // g
+    acc = np.uint16 if g <= np.iinfo(np.uint16).max else np.int64
+    rows = empty[:need_y, :need_x].reshape(cy, g, need_x).sum(axis=1, dtype=acc)
+    cells = rows.reshape(cy, cx, g).sum(axis=2, dtype=np.int64)
+    sat = np.zeros((cy + 1, cx + 1), dtype=np.int64)
+    np.cumsum(np.cumsum(cells, axis=0), axis=1, out=sat[1:, 1:])
+    y0 = np.arange(n_wy) * (stride // g)
+    x0 = np.arange(n_wx) * (stride // g)
+    y1, x1 = y0 + tile // g, x0 + tile // g
     total = (
         sat[np.ix_(y1, x1)] - sat[np.ix_(y0, x1)] - sat[np.ix_(y1, x0)] + sat[np.ix_(y0, x0)]
     )

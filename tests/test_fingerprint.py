@@ -9,7 +9,8 @@ import torchvision
 from conftest import textured, write_tif
 
 import dask_fp
-from dask_fp.fingerprint import cut_windows, plan_blocks
+from dask_fp.fingerprint import plan_blocks
+from dask_fp.layout import gather_windows
 from dask_fp.models import IMAGENET_MEAN, IMAGENET_STD, ModelOptions
 from dask_fp.raster import RasterOptions
 from dask_fp.tiling import Tiling, make_uid
@@ -101,11 +102,14 @@ def test_smaller_than_one_tile(tmp_path, client):
     assert rep.tiles == 0 and any("smaller than one" in m for m in msgs)
 
 
-def test_cut_windows_and_plans():
+def test_gather_windows_and_plans():
     rgb = np.arange(3 * 8 * 8, dtype=np.uint8).reshape(3, 8, 8)
-    keep = np.array([[True, False], [False, True]])
-    w = cut_windows(rgb, keep, tile=4, stride=4)
+    iy, ix = np.nonzero(np.array([[True, False], [False, True]]))
+    w = gather_windows(rgb, iy, ix, tile=4, stride=4)
     np.testing.assert_array_equal(w[1], rgb[:, 4:8, 4:8])
+    buf = np.zeros((5, 3, 4, 4), np.uint8)
+    assert gather_windows(rgb, iy[1:], ix[1:], tile=4, stride=4, out=buf).shape == (1, 3, 4, 4)
+    np.testing.assert_array_equal(buf[0], rgb[:, 4:8, 4:8])
     plans = plan_blocks(((64, 64, 80), (128,)), 6, 4, 32)
     assert [(p.wy0, p.wy1) for p in plans] == [(0, 2), (2, 4), (4, 6)]
     assert sum(p.n_windows for p in plans) == 24
