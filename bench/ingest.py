@@ -328,8 +328,11 @@ def section_scale_out(pix: np.ndarray, work: Path, repeats: int, threads: int, n
     """Many small sources vs one raster with the same windows; client bytes and RSS as the store grows.
 
     Both inputs are cut from the same non-black imagery, so both keep (almost) all their windows
-    and the model runs the same number of times; the table says how many tiles each kept. The
-    order of the two runs alternates between repeats (the machine's load drifts), and beside the
+    and the model runs about as often; the table says how many tiles each kept, and rates are per
+    kept tile. The one raster runs twice: in one block (one task, one worker busy), and in blocks
+    of the small sources' size (as many tasks of the same size as the small sources: the peer that
+    isolates the cost of a source). The order of the runs alternates between repeats (the
+    machine's load drifts), and beside the
     wall-clock rates the CPU seconds that the client and the worker processes spent per tile are
     reported: on a shared machine they are the steadier measure of the work each path does.
     """
@@ -348,7 +351,8 @@ def section_scale_out(pix: np.ndarray, work: Path, repeats: int, threads: int, n
     workers = [psutil.Process(pid) for pid in client.run(os.getpid).values()]
     me = psutil.Process()
     stats: dict[str, dict[str, list[float]]] = {
-        k: {"rate": [], "tiles": [], "client_cpu": [], "worker_cpu": []} for k in ("small", "one")}
+        k: {"rate": [], "tiles": [], "client_cpu": [], "worker_cpu": []} for k in ("small", "one", "blocks")}
+    chunk = {"small": 2048, "one": 2048, "blocks": small_px}
     rows = []
     try:
         for r in range(repeats + 1):  # the first round warms up (model load), not counted
@@ -360,12 +364,12 @@ def section_scale_out(pix: np.ndarray, work: Path, repeats: int, threads: int, n
             smalls = [write_mosaic(crop[:, step * (i // side):, step * (i % side):], small_px, d / f"s{i}.tif")
                       for i in range(side * side)]
             one = write_mosaic(crop, big_px, d / "one.tif")
-            runs = [("small", smalls), ("one", [one])]
+            runs = [("small", smalls), ("one", [one]), ("blocks", [one])]
             for name, paths in runs if r % 2 else runs[::-1]:
                 c0, w0 = _cpu_seconds([me]), _cpu_seconds(workers)
                 t0 = time.perf_counter()
                 rep = dask_fp.ingest([str(p) for p in paths], str(d / f"{name}.zarr"), model=model, tiling=TILING,
-                                     raster=RasterOptions(chunk=2048), client=client, progress=False,
+                                     raster=RasterOptions(chunk=chunk[name]), client=client, progress=False,
                                      log=lambda m: None)
                 dt = time.perf_counter() - t0
                 if r:
@@ -375,16 +379,18 @@ def section_scale_out(pix: np.ndarray, work: Path, repeats: int, threads: int, n
                     s["client_cpu"].append((_cpu_seconds([me]) - c0) / rep.tiles)
                     s["worker_cpu"].append((_cpu_seconds(workers) - w0) / rep.tiles)
         med = {k: {m: statistics.median(v) for m, v in s.items()} for k, s in stats.items()}
-        for name, label in (("small", f"{side * side} sources of {small_px} px"), ("one", f"1 raster of {big_px} px")):
+        labels = {"small": f"{side * side} sources of {small_px} px", "one": f"1 raster of {big_px} px, one block",
+                  "blocks": f"1 raster of {big_px} px, {small_px} px blocks"}
+        for name, label in labels.items():
             m = med[name]
             rows.append([label, f"{m['tiles']:.0f}", f"{m['rate']:.2f}", f"{1e3 * m['client_cpu']:.0f}",
                          f"{1e3 * m['worker_cpu']:.0f}"])
         print(table(["input", "tiles kept", "tiles/s (median)", "client CPU ms/tile", "workers CPU ms/tile"], rows))
-        ratio = med["small"]["rate"] / med["one"]["rate"]
-        cpu_ratio = ((med["one"]["client_cpu"] + med["one"]["worker_cpu"])
-                     / (med["small"]["client_cpu"] + med["small"]["worker_cpu"]))
-        print(f"\nmany small / one raster = {ratio:.2f} in tiles/s (goal >= 0.90); {cpu_ratio:.2f} in tiles per"
-              f" CPU second (client + workers); load average {os.getloadavg()[0]:.1f}")
+        cpu = {k: m["client_cpu"] + m["worker_cpu"] for k, m in med.items()}
+        for peer in ("one", "blocks"):
+            print(f"\nmany small / {labels[peer]} = {med['small']['rate'] / med[peer]['rate']:.2f} in tiles/s"
+                  f" (goal >= 0.90), {cpu[peer] / cpu['small']:.2f} in tiles per CPU second (client + workers)")
+        print(f"\nload average {os.getloadavg()[0]:.1f} (1 min) at the end of the section")
 
         print("\n### Client bytes and memory as the store grows 10x\n")
         d = work / "grow"
