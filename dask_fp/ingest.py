@@ -1,7 +1,9 @@
 """The ``ingest`` verb: rasters → block tasks on the cluster → rows written by the workers.
 
-The client checks every input's header first (so a bad file fails before
-anything is written), has the workers hash the files (all at once), skips
+The client checks every input's header first, all files at once in a thread
+pool (so a bad file fails before anything is written, and a survey of remote
+COGs does not pay its network round trips one file after another), has the
+workers hash the files (all at once), skips
 sources whose content hash is already committed, and then runs every
 remaining source's blocks through one :class:`~dask_fp.pipeline.Pipeline`:
 block tasks and row writes run on the workers; the client receives only
