@@ -1,7 +1,9 @@
 """The ``ingest`` verb: rasters → block tasks on the cluster → rows written by the workers.
 
-The client checks every input's header first (so a bad file fails before
-anything is written), has the workers hash the files (all at once), skips
+The client checks every input's header first, all files at once in a thread
+pool (so a bad file fails before anything is written, and a survey of remote
+COGs does not pay its network round trips one file after another), has the
+workers hash the files (all at once), skips
 sources whose content hash is already committed, and then runs every
 remaining source's blocks through one :class:`~dask_fp.pipeline.Pipeline`:
 block tasks and row writes run on the workers; the client receives only
@@ -10,6 +12,7 @@ per-block counts, assigns row offsets and commits sources in order.
 
 from __future__ import annotations
 
+import functools
 import sys
 import uuid
 from collections.abc import Callable, Sequence
@@ -23,7 +26,7 @@ from .fingerprint import block_tasks
 from .inputs import file_sha256
 from .models import ModelOptions, ResolvedWeights, get_spec, precision_label, resolve_weights
 from .pipeline import Pipeline, SourceJob, in_flight, progress_printer
-from .raster import RasterOptions, RasterSpec, inspect_raster, open_raster
+from .raster import RasterOptions, RasterSpec, inspect_rasters, open_raster
 from .store import StoreSettings, open_store, open_writer
 from .store.region import SourceGeo
 from .tiling import Tiling, grid_shape
@@ -110,7 +113,7 @@ def ingest(
         raise DaskFpError("no input rasters given.")
     weights = resolve_weights(model)
     settings = make_settings(model, weights, tiling, dtype)
-    specs = [inspect_raster(p, raster, content_hash=False) for p in paths]  # fail fast, before any write
+    specs = inspect_rasters(paths, raster, content_hash=False)  # all at once; fail fast, before any write
     for s in specs:
         if s.crs_wkt is None:
             say(f"note: {s.path} has no CRS; tiles get pixel coordinates and NaN lon/lat.")
@@ -216,17 +219,28 @@ def _jsonable(scale: Any) -> Any:
     return None if scale is None else [list(s) for s in scale]
 
 
-def _source_entry(spec: RasterSpec, index: int, tiling: Tiling = Tiling()) -> dict[str, Any]:
-    crs_name = None
-    if spec.crs_wkt:
-        from pyproj import CRS
+@functools.lru_cache(maxsize=64)
+def crs_name(crs_wkt: str) -> str:
+    """``EPSG:n`` for a CRS with an EPSG code, else its name (cached: a survey's sources share a few CRSs)."""
+    from pyproj import CRS
 
-        crs = CRS.from_wkt(spec.crs_wkt)
-        epsg = crs.to_epsg()
-        crs_name = f"EPSG:{epsg}" if epsg else crs.name
+    crs = CRS.from_wkt(crs_wkt)
+    epsg = crs.to_epsg()
+    return f"EPSG:{epsg}" if epsg else str(crs.name)
+
+
+@functools.lru_cache(maxsize=64)
+def _rasterio_crs(crs_wkt: str) -> Any:
+    from rasterio.crs import CRS
+
+    return CRS.from_wkt(crs_wkt)
+
+
+def _source_entry(spec: RasterSpec, index: int, tiling: Tiling = Tiling()) -> dict[str, Any]:
     return {
         "index": index, "path": spec.path, "sha256": spec.sha256, "crs": spec.crs_wkt,
-        "crs_name": crs_name, "transform": list(spec.transform), "shape": [spec.height, spec.width],
+        "crs_name": crs_name(spec.crs_wkt) if spec.crs_wkt else None, "transform": list(spec.transform),
+        "shape": [spec.height, spec.width],
         "bands": list(spec.bands), "alpha": spec.alpha, "nodata": spec.nodata,
         "scale": _jsonable(spec.scale), "dtype": spec.dtype, "bbox_wgs84": bbox_wgs84(spec, tiling),
     }
@@ -237,14 +251,13 @@ def bbox_wgs84(spec: RasterSpec, tiling: Tiling) -> list[float] | None:
     n_wy, n_wx = grid_shape(spec.height, spec.width, tile=tiling.tile, stride=tiling.stride)
     if not spec.crs_wkt or not n_wy or not n_wx:
         return None
-    from rasterio.crs import CRS
     from rasterio.transform import Affine
     from rasterio.warp import transform_bounds
 
     t = Affine(*spec.transform)
     h, w = (n_wy - 1) * tiling.stride + tiling.tile, (n_wx - 1) * tiling.stride + tiling.tile
     xs, ys = zip(*(t * c for c in ((0, 0), (w, 0), (0, h), (w, h))), strict=True)
-    b = transform_bounds(CRS.from_wkt(spec.crs_wkt), "EPSG:4326", min(xs), min(ys), max(xs), max(ys), densify_pts=21)
+    b = transform_bounds(_rasterio_crs(spec.crs_wkt), "EPSG:4326", min(xs), min(ys), max(xs), max(ys), densify_pts=21)
     return [float(v) for v in b]
 
 

@@ -178,6 +178,45 @@ def inspect_raster(
     )
 
 
+#: Header checks run at once by :func:`inspect_rasters` (threads; GDAL releases the GIL while it
+#: reads, and a remote input's check is mostly waiting for the network).
+INSPECT_THREADS = 16
+
+
+def inspect_rasters(
+    paths: Sequence[str | os.PathLike[str]], options: RasterOptions = RasterOptions(), *,
+    content_hash: bool = True, threads: int = INSPECT_THREADS,
+) -> list[RasterSpec]:
+    """:func:`inspect_raster` for every path, up to ``threads`` at once, in the order given.
+
+    Each file gets its own dataset handle in its own thread. When several files
+    are bad, the error raised is the first bad file's in the order given (the
+    one a loop over the paths would have stopped at).
+
+    Raises
+    ------
+    RasterError
+        With the first bad file's name, what is wrong and what to do.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rasterio.errors import NotGeoreferencedWarning
+
+    n = max(1, min(int(threads), len(paths)))
+    if n == 1:
+        return [inspect_raster(p, options, content_hash=content_hash) for p in paths]
+    # The threads' own ``catch_warnings`` blocks save and restore the process-wide filters
+    # out of order; this block, on the calling thread, restores them once they are all done.
+    with warnings.catch_warnings(), ThreadPoolExecutor(n, thread_name_prefix="dask-fp-inspect") as pool:
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        futures = [pool.submit(inspect_raster, p, options, content_hash=content_hash) for p in paths]
+        try:
+            return [f.result() for f in futures]
+        finally:
+            for f in futures:
+                f.cancel()
+
+
 def _first_line(e: BaseException) -> str:
     """The first line of an error's message, with GDAL's own reason when rasterio hides it."""
     text = str(e).strip()

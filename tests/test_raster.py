@@ -123,3 +123,22 @@ def test_truncated_geotiff(tmp_path, tif):
 def test_no_crs_is_allowed(tmp_path):
     spec = inspect_raster(write_tif(tmp_path / "nocrs.tif", textured(64, 64), crs=None))
     assert spec.crs_wkt is None
+
+
+def test_inspect_rasters_in_threads_equals_one_by_one_and_names_the_first_bad_file(tmp_path):
+    import warnings
+
+    from dask_fp.raster import inspect_rasters
+
+    good = [write_tif(tmp_path / f"g{i}.tif", textured(64 + 32 * i, 96, seed=i), crs=None if i == 2 else 32617)
+            for i in range(6)]
+    before = list(warnings.filters)
+    got = inspect_rasters(good, threads=4)
+    assert warnings.filters == before  # the threads' warning filters do not leak
+    assert got == [inspect_raster(p) for p in good]  # same specs, same order (hashes included)
+    bad1 = _write(tmp_path / "bad1.tif", b"hello, not a raster")
+    bad2 = tmp_path / "missing.tif"
+    with pytest.raises(RasterError, match="bad1.tif"):
+        inspect_rasters([*good[:3], bad1, good[3], bad2], threads=4)
+    with pytest.raises(RasterError, match="missing.tif"):
+        inspect_rasters([bad2, *good, bad1], threads=4)
