@@ -8,9 +8,9 @@ chunking: its pixels are the same whichever block cuts it.
 
 Reading the halo from the file costs decoding the neighbours' edge blocks
 again: GDAL decodes a multi-band window of a pixel-interleaved GeoTIFF
-straight into the output, not through its block cache (measured: +40 % CPU
-for a 2048 px chunk with 512 px internal blocks; reading band by band through
-the cache costs 3x more). The previous design read each chunk once as a Dask
+straight into the output, not through its block cache (+44 % read CPU for a
+2048 px chunk over 512 px internal blocks: ``bench/ingest_profile.py
+--stages``; reading band by band through the cache was slower still). The previous design read each chunk once as a Dask
 array and attached halo strips with ``dask.array.overlap``: a copy of every
 block, xarray's indexing layers and worker-to-worker transfers, about twice
 the worker CPU per tile in total (docs/performance.md, "Pipeline ceiling").

@@ -123,3 +123,25 @@ def test_float16_store(tif, tmp_path, client, dtype):
     assert st.arrays["fingerprint"].dtype == np.float16
     fp = np.asarray(st.fingerprints()).astype(np.float32)
     np.testing.assert_allclose(np.asarray(st.norm2()), (fp**2).sum(1), rtol=1e-5)
+
+
+def test_open_dataset_is_kept_per_thread_and_reopened_when_the_file_changes(tmp_path):
+    """Block tasks keep a dataset open per thread; a file replaced under the same path is reopened,
+    never read through a stale handle."""
+    import threading
+
+    from dask_fp.fingerprint import open_dataset
+
+    p = write_tif(tmp_path / "a.tif", textured(64, 64, seed=1))
+    first = open_dataset(str(p), "h1")
+    assert open_dataset(str(p), "h1") is first
+    other: list = []
+    t = threading.Thread(target=lambda: other.append(open_dataset(str(p), "h1")))
+    t.start()
+    t.join()
+    assert other[0] is not first  # each thread its own handle
+    new = textured(64, 64, seed=2)
+    write_tif(tmp_path / "b.tif", new).replace(p)  # same path, new file
+    again = open_dataset(str(p), "h1")
+    assert again is not first
+    np.testing.assert_array_equal(again.read(), new)
