@@ -18,6 +18,43 @@ import numpy as np
 from .tiling import Tiling, windows_overlap
 
 
+def top_m_index(dist: np.ndarray, rows: np.ndarray, m: int) -> np.ndarray:
+    """Column indices of each query's ``m`` smallest (distance, row) pairs, sorted by (distance, row).
+
+    Parameters
+    ----------
+    dist : ndarray, shape (q, n)
+    rows : ndarray of int64, shape (n,) or (q, n)
+    m : int
+
+    Returns
+    -------
+    idx : ndarray of intp, shape (q, min(m, n)), indices into ``dist``'s columns
+    """
+    q, n = dist.shape
+    rows = np.broadcast_to(rows, (q, n))
+    if n > m:
+        # Candidates: everything up to the m-th smallest distance (ties included).
+        kth = np.partition(dist, m - 1, axis=1)[:, m - 1 : m]
+        sel = dist <= kth
+        if not (sel.sum(axis=1) == m).all():
+            # Ties at the m-th distance: settle them by row, query by query.
+            out = np.empty((q, m), dtype=np.intp)
+            for i in range(q):
+                cand = np.flatnonzero(sel[i])
+                out[i] = cand[np.lexsort((rows[i, cand], dist[i, cand]))[:m]]
+            return out
+        idx = np.nonzero(sel)[1].reshape(q, m)
+        sub_d, sub_r = np.take_along_axis(dist, idx, axis=1), np.take_along_axis(rows, idx, axis=1)
+    else:
+        idx = np.broadcast_to(np.arange(n, dtype=np.intp), (q, n))
+        sub_d, sub_r = dist, rows
+    if not dist.size:
+        return np.zeros(dist.shape, dtype=np.intp)
+    order = np.lexsort((sub_r, sub_d), axis=1)
+    return np.take_along_axis(idx, order, axis=1)
+
+
 def top_m(dist: np.ndarray, rows: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
     """Each query's ``m`` smallest (distance, row) pairs, sorted by (distance, row).
 
@@ -31,26 +68,28 @@ def top_m(dist: np.ndarray, rows: np.ndarray, m: int) -> tuple[np.ndarray, np.nd
     -------
     (dist, rows), each of shape (q, min(m, n))
     """
-    q, n = dist.shape
-    rows = np.broadcast_to(rows, (q, n))
-    if n > m:
-        # Candidates: everything up to the m-th smallest distance (ties included).
-        kth = np.partition(dist, m - 1, axis=1)[:, m - 1 : m]
-        sel = dist <= kth
-        if not (sel.sum(axis=1) == m).all():
-            # Ties at the m-th distance: settle them by row, query by query.
-            out_d = np.empty((q, m), dtype=dist.dtype)
-            out_r = np.empty((q, m), dtype=np.int64)
-            for i in range(q):
-                cand = np.flatnonzero(sel[i])
-                o = np.lexsort((rows[i, cand], dist[i, cand]))[:m]
-                out_d[i], out_r[i] = dist[i, cand[o]], rows[i, cand[o]]
-            return out_d, out_r
-        idx = np.nonzero(sel)[1].reshape(q, m)
-        dist = np.take_along_axis(dist, idx, axis=1)
-        rows = np.take_along_axis(rows, idx, axis=1)
-    order = np.lexsort((rows, dist), axis=1) if dist.size else np.zeros(dist.shape, dtype=np.intp)
-    return np.take_along_axis(dist, order, axis=1), np.take_along_axis(rows, order, axis=1).astype(np.int64)
+    idx = top_m_index(dist, rows, m)
+    rows = np.broadcast_to(rows, dist.shape)
+    return np.take_along_axis(dist, idx, axis=1), np.take_along_axis(rows, idx, axis=1).astype(np.int64)
+
+
+def top_m_hits(dist: np.ndarray, rows: np.ndarray, records: np.ndarray,
+               m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`top_m`, with ``records`` (shape of ``dist``: values that travel with the rows) taken alike."""
+    idx = top_m_index(dist, rows, m)
+    rows = np.broadcast_to(rows, dist.shape)
+    return (np.take_along_axis(dist, idx, axis=1), np.take_along_axis(rows, idx, axis=1).astype(np.int64),
+            np.take_along_axis(records, idx, axis=1))
+
+
+def hit_records(names: Sequence[str], columns: Sequence[np.ndarray], idx: np.ndarray | None = None) -> np.ndarray:
+    """One structured array of per-row ``columns`` (field ``names``), at positions ``idx`` if given."""
+    cols = [np.ravel(c) for c in columns]
+    out = np.empty(cols[0].shape if idx is None else idx.shape,
+                   dtype=[(nm, c.dtype) for nm, c in zip(names, cols, strict=True)])
+    for nm, c in zip(names, cols, strict=True):
+        out[nm] = c if idx is None else c[idx]
+    return out
 
 
 def chunk_distances(x: np.ndarray, norm2: np.ndarray, q: np.ndarray, qnorm2: np.ndarray) -> np.ndarray:
@@ -132,16 +171,25 @@ def knn_chunk(
     qnorm2: np.ndarray,
     m: int,
     where: RowFilter | None = None,
+    payload: tuple[str, ...] = (),
     axis: Any = None,
     keepdims: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Chunk step: a block ``(x, norm2, rows[, lon, lat, source])`` → each query's ``m`` best pairs.
+) -> tuple[np.ndarray, ...]:
+    """Chunk step: a block ``(x, norm2, payload columns…, rows[, lon, lat, source])`` → each query's ``m`` best.
 
+    Returns ``(dist, rows)``, or ``(dist, rows, records)`` when the block
+    carries ``payload`` columns (named by ``payload``; ``records`` is a
+    structured array of their values at the kept rows, :func:`hit_records`).
     Rows outside ``where`` are dropped before the distances (a chunk wholly
     outside costs only the mask).
     """
-    x, norm2, rows = _filtered(block, where, 3)
-    return top_m(chunk_distances(x, norm2, q, qnorm2), rows.astype(np.int64), m)
+    x, norm2, *cols, rows = _filtered(block, where, 3 + len(payload))
+    d = chunk_distances(x, norm2, q, qnorm2)
+    rows = rows.astype(np.int64)
+    if not payload:
+        return top_m(d, rows, m)
+    idx = top_m_index(d, rows, m)  # records only for the kept rows, not the whole block
+    return np.take_along_axis(d, idx, axis=1), rows[idx], hit_records(payload, cols, idx)
 
 
 def score_chunk(
@@ -182,17 +230,26 @@ def knn_merge(
     axis: Any = None,
     keepdims: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Combine/aggregate step: merge candidate lists, keep ``m`` per query."""
-    if isinstance(parts, tuple):
-        parts = [parts]
-    parts = _flatten(parts)
-    dist = np.concatenate([p[0] for p in parts], axis=1)
-    rows = np.concatenate([p[1] for p in parts], axis=1)
-    return top_m(dist, rows, m)
+    """Combine/aggregate step: merge candidate lists ``(dist, rows)``, keep ``m`` per query."""
+    flat = _flatten([parts] if isinstance(parts, tuple) else parts)
+    return top_m(np.concatenate([p[0] for p in flat], axis=1), np.concatenate([p[1] for p in flat], axis=1), m)
 
 
-def _flatten(parts: list) -> list[tuple[np.ndarray, np.ndarray]]:
-    out: list[tuple[np.ndarray, np.ndarray]] = []
+def hits_merge(
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | tuple[np.ndarray, np.ndarray, np.ndarray],
+    *,
+    m: int,
+    axis: Any = None,
+    keepdims: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`knn_merge` of ``(dist, rows, records)`` lists (the records travel with their rows)."""
+    flat = _flatten([parts] if isinstance(parts, tuple) else parts)
+    d, r, rec = (np.concatenate([p[i] for p in flat], axis=1) for i in range(3))
+    return top_m_hits(d, r, rec, m)
+
+
+def _flatten(parts: list) -> list[Any]:
+    out: list[Any] = []
     for p in parts:
         if isinstance(p, list):
             out.extend(_flatten(p))

@@ -9,14 +9,21 @@ combine and aggregate steps merge candidate lists in a tree
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from dask.base import tokenize
 
 from .errors import QueryError
-from .kernels import RowFilter, knn_chunk, knn_merge, score_chunk
+from .kernels import RowFilter, hit_records, hits_merge, knn_chunk, knn_merge, score_chunk
+from .store.chunks import ChunkFiles, damage_error
+
+if TYPE_CHECKING:
+    from .store import Store
 
 #: ``m`` that keeps every row (the threshold mode of the classifier pass).
 ALL = 2**62
@@ -44,23 +51,18 @@ def _pack(x: np.ndarray, *cols: np.ndarray, n_data: int = 0, starts: tuple[int, 
     return (x, *cols[:n_data], rows, *cols[n_data:])
 
 
-def _reduce(
-    x: Any,
-    columns: Sequence[Any],
-    chunk: Callable[..., Any],
-    m: int,
-    split_every: int | None,
-    name: str,
-    n_data: int,
-    blocks: Sequence[int] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """One ``dask.array.reduction`` over row blocks of ``x`` packed with ``columns`` (see :func:`_pack`).
+def _packed(x: Any, columns: Sequence[Any], n_data: int, blocks: Sequence[int] | None,
+            cache: dict[str, Any] | None) -> Any:
+    """The query-independent part of a pass: row blocks of ``x`` packed with ``columns`` (see :func:`_pack`).
 
-    ``blocks`` (row-block indices of ``x``) restricts the pass to those blocks;
-    the others are not read.
+    ``cache`` (a store's :attr:`~dask_fp.store.Store.scan_cache`) keeps the last one
+    built, keyed by the input arrays' names: a persisted store builds it once.
     """
     import dask.array as da
 
+    key = (x.name, *(c.name for c in columns), n_data, None if blocks is None else tuple(blocks))
+    if cache is not None and cache.get("packed", (None,))[0] == key:
+        return cache["packed"][1]
     if len(x.chunks[1]) != 1:
         x = x.rechunk({1: -1})
     columns = [c.rechunk((x.chunks[0],)) for c in columns]
@@ -75,11 +77,21 @@ def _reduce(
     cols = [c.map_blocks(_column, new_axis=1, chunks=(x.chunks[0], (1,)), dtype=c.dtype) for c in columns]
     packed = da.map_blocks(_pack, x, *cols, n_data=n_data, starts=starts, dtype=x.dtype,
                            meta=np.empty((0, 0), dtype=x.dtype))
+    if cache is not None:
+        cache["packed"] = (key, packed)
+    return packed
+
+
+def _tree(packed: Any, chunk: Callable[..., Any], m: int, split_every: int | None, name: str,
+          merge: Callable[..., Any] = knn_merge) -> tuple[Any, ...]:
+    """The ``dask.array.reduction`` over ``packed`` with ``chunk``, merged in a tree (``merge``), computed once."""
+    import dask.array as da
+
     red = da.reduction(
         packed,
         chunk=chunk,
-        combine=partial(knn_merge, m=m),
-        aggregate=partial(knn_merge, m=m),
+        combine=partial(merge, m=m),
+        aggregate=partial(merge, m=m),
         axis=0,
         keepdims=True,
         concatenate=False,
@@ -88,10 +100,29 @@ def _reduce(
         meta=np.empty((0, 0), dtype=np.float32),
         name=name,
     )
-    # The reduction's single block is a (values, rows) pair, not an array: take it as is.
+    # The reduction's single block is a (values, rows[, records]) tuple, not an array: take it as is.
     (block,) = red.to_delayed().ravel()
-    dist, idx = block.compute()
-    return dist, idx
+    return tuple(block.compute())
+
+
+def _reduce(
+    x: Any,
+    columns: Sequence[Any],
+    chunk: Callable[..., Any],
+    m: int,
+    split_every: int | None,
+    name: str,
+    n_data: int,
+    blocks: Sequence[int] | None = None,
+    cache: dict[str, Any] | None = None,
+    merge: Callable[..., Any] = knn_merge,
+) -> tuple[Any, ...]:
+    """One ``dask.array.reduction`` over row blocks of ``x`` packed with ``columns`` (see :func:`_pack`).
+
+    ``blocks`` (row-block indices of ``x``) restricts the pass to those blocks;
+    the others are not read.
+    """
+    return _tree(_packed(x, columns, n_data, blocks, cache), chunk, m, split_every, name, merge)
 
 
 def _filter_columns(where: RowFilter | None, columns: Sequence[Any] | None) -> list[Any]:
@@ -100,6 +131,15 @@ def _filter_columns(where: RowFilter | None, columns: Sequence[Any] | None) -> l
     if columns is None or len(columns) != 3:
         raise ValueError("a row filter needs the (lon, lat, source) columns of the rows")
     return list(columns)
+
+
+def _queries(queries: np.ndarray, d: int, m: int) -> np.ndarray:
+    if m < 1:
+        raise QueryError(f"k must be at least 1, got {m}")
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    if q.ndim != 2 or q.shape[1] != d:
+        raise QueryError(f"queries must have shape (q, {d}), got {q.shape}")
+    return q
 
 
 def knn(
@@ -137,18 +177,46 @@ def knn(
     dist, rows : ndarrays of shape (q, ≤ m), sorted by (distance, row)
         Fewer than ``m`` columns when fewer rows (pass the filter).
     """
-    if m < 1:
-        raise QueryError(f"k must be at least 1, got {m}")
-    n = x.shape[0]
-    q = np.ascontiguousarray(queries, dtype=np.float32)
-    if q.ndim != 2 or q.shape[1] != x.shape[1]:
-        raise QueryError(f"queries must have shape (q, {x.shape[1]}), got {q.shape}")
-    if n == 0 or (blocks is not None and len(blocks) == 0):
-        return np.empty((len(q), 0), np.float32), np.empty((len(q), 0), np.int64)
+    d, r, _ = knn_hits(x, norm2, queries, m, split_every=split_every, where=where, columns=columns, blocks=blocks)
+    return d, r
+
+
+def knn_hits(
+    x: Any,
+    norm2: Any,
+    queries: np.ndarray,
+    m: int,
+    *,
+    payload: Mapping[str, Any] | None = None,
+    split_every: int | None = None,
+    where: RowFilter | None = None,
+    columns: Sequence[Any] | None = None,
+    blocks: Sequence[int] | None = None,
+    cache: dict[str, Any] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """:func:`knn`, and the ``payload`` columns' values at each hit, from the same pass.
+
+    ``payload`` maps names to per-row dask arrays chunked like ``x`` (a
+    persisted store's coordinate columns); each chunk task takes its kept
+    rows' values and the merge carries them, so no column is read afterwards.
+    ``cache``: see :func:`_packed`.
+
+    Returns
+    -------
+    dist, rows : as :func:`knn`
+    records : structured ndarray of shape (q, ≤ m), one field per payload column (None without)
+    """
+    q = _queries(queries, x.shape[1], m)
+    names = tuple(payload or ())
+    if x.shape[0] == 0 or (blocks is not None and len(blocks) == 0):
+        empty = hit_records(names, [np.empty(0, c.dtype) for c in (payload or {}).values()], np.empty((len(q), 0), int))
+        return np.empty((len(q), 0), np.float32), np.empty((len(q), 0), np.int64), empty if names else None
     qn = np.einsum("ij,ij->i", q, q)
-    cols = [norm2, *_filter_columns(where, columns)]
-    return _reduce(x, cols, partial(knn_chunk, q=q, qnorm2=qn, m=m, where=where), m, split_every, "knn", 1,
-                   blocks)
+    cols = [norm2, *(payload or {}).values(), *_filter_columns(where, columns)]
+    chunk = partial(knn_chunk, q=q, qnorm2=qn, m=m, where=where, payload=names)
+    out = _reduce(x, cols, chunk, m, split_every, "knn", 1 + len(names), blocks, cache,
+                  hits_merge if names else knn_merge)
+    return out[0], out[1], out[2] if names else None
 
 
 def score_pass(
@@ -184,3 +252,165 @@ def score_pass(
     chunk = partial(score_chunk, coef=coef, intercept=float(intercept), m=m, min_logit=min_logit, where=where)
     neg, rows = _reduce(x, _filter_columns(where, columns), chunk, m, split_every, "score", 0, blocks)
     return -neg[0], rows[0]
+
+
+# --------------------------------------------------------------------------- a whole store
+
+#: Per-tile columns a search returns with its hits (what :class:`~dask_fp.hits.Hits` tables show).
+HIT_COLUMNS = ("uid", "source", "wy", "wx", "x", "y", "lon", "lat")
+#: Bytes of fingerprints a streamed chunk task reads and scans at a time (whole Zarr chunks):
+#: the block stays in cache between decompression and the distances.
+STREAM_READ_BYTES = 16 << 20
+
+
+#: Tasks per query row block (:attr:`~dask_fp.store.Store.task_rows`) of a streamed scan: so
+#: that a store of one or two blocks still keeps both threads of a worker busy.
+STREAM_TASK_SPLIT = 2
+#: glibc ``mallopt`` parameters and the values :func:`keep_buffers` sets: mmap threshold 32 MiB
+#: (the largest glibc allows), 64 MiB of padding kept at the top of each heap.
+MALLOC_SETTINGS = ((-3, 32 << 20), (-2, 64 << 20))  # M_MMAP_THRESHOLD, M_TOP_PAD
+_malloc_tuned: list[bool] = []  # per process: whether keep_buffers ran here
+
+
+def keep_buffers() -> None:
+    """Let this process reuse freed read buffers instead of mapping fresh zeroed pages for each.
+
+    Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which also
+    pins glibc's mmap threshold at 128 KiB: every 16 MiB buffer of a Zarr read
+    (file bytes, decompressed chunk) is then a new ``mmap`` whose 4,096 pages
+    fault and are zeroed on first touch, and is unmapped when freed. Raising
+    the mmap threshold and the heap's top padding (:data:`MALLOC_SETTINGS`)
+    keeps those buffers in the heap for the next read; the trim threshold stays,
+    so memory beyond the padding still goes back to the OS. Runs once per
+    process, in the first scan task; a no-op where glibc is not the allocator.
+    """
+    if _malloc_tuned:
+        return
+    _malloc_tuned.append(True)
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        for param, value in MALLOC_SETTINGS:
+            libc.mallopt(param, value)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+@dataclass(frozen=True)
+class ZarrRows:
+    """What a streamed chunk task reads: the store's Zarr arrays, a few chunks at a time.
+
+    ``arrays`` are ``fingerprint``, ``norm2`` and, with a row filter, ``lon``,
+    ``lat``, ``source``; ``files`` their chunk files, checked before each read
+    so a deleted file is a "store is damaged" error, not fill values.
+    """
+
+    arrays: tuple[Any, ...]
+    files: tuple[ChunkFiles, ...]
+    root: str
+    committed: int
+    step: int  # rows per read: whole chunks of every array
+
+    def read(self, lo: int, hi: int) -> list[np.ndarray]:
+        missing = [f for cf in self.files for f in cf.missing(cf.indices(lo, hi), self.committed)]
+        if missing:
+            raise damage_error(self.root, missing, self.committed)
+        return [np.asarray(a[lo:hi]) for a in self.arrays]
+
+
+def zarr_rows(store: Store, names: Sequence[str]) -> ZarrRows:
+    """A :class:`ZarrRows` over ``fingerprint``, ``norm2`` and ``names`` of ``store``."""
+    arrays = [store.arrays[n] for n in ("fingerprint", "norm2", *names)]
+    fp = arrays[0]
+    chunk = math.lcm(*(int(a.chunks[0]) for a in arrays))
+    row_bytes = int(np.prod(fp.shape[1:])) * fp.dtype.itemsize
+    step = chunk * max(1, STREAM_READ_BYTES // (chunk * row_bytes))
+    files = tuple(store.files[n] for n in ("fingerprint", "norm2", *names))
+    return ZarrRows(tuple(arrays), files, str(store.path), store.committed, step)
+
+
+def _stream_block(*, reader: ZarrRows, starts: tuple[int, ...], chunk: Callable[..., Any], m: int,
+                  block_info: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """One streamed chunk task: read its row block ``reader.step`` rows at a time, scan, keep ``m``."""
+    keep_buffers()
+    info = block_info[None]
+    lo = starts[info["chunk-location"][0]]
+    hi = lo + info["chunk-shape"][0]
+    best: tuple[np.ndarray, np.ndarray] | None = None
+    for s in range(lo, hi, reader.step):
+        e = min(s + reader.step, hi)
+        x, n2, *cols = reader.read(s, e)
+        part = chunk((x, n2, np.arange(s, e, dtype=np.int64), *cols))
+        best = part if best is None else knn_merge([best, part], m=m)
+    return best  # type: ignore[return-value]  # every block holds rows
+
+
+def _split(lo: int, hi: int, step: int, parts: int) -> list[tuple[int, int]]:
+    """``[lo, hi)`` cut into up to ``parts`` spans of whole ``step``s (the last may be shorter), as even as can be."""
+    steps = -(-(hi - lo) // step)
+    cuts = [lo + step * (steps * i // parts) for i in range(parts)] + [hi]
+    return [(a, min(b, hi)) for a, b in zip(cuts, cuts[1:], strict=False) if min(b, hi) > a]
+
+
+def _passthrough(block: Any, axis: Any = None, keepdims: bool = False) -> Any:
+    return block
+
+
+def stream_knn(store: Store, queries: np.ndarray, m: int, *, split_every: int | None = None,
+               where: RowFilter | None = None, blocks: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`knn` over a store read from Zarr (not persisted), :data:`STREAM_TASK_SPLIT` tasks per row block.
+
+    Each task reads its block a few Zarr chunks at a time (:data:`STREAM_READ_BYTES`)
+    and scans each piece while it is in cache, instead of assembling the whole
+    block first: decompression and distances of both worker threads then run in
+    parallel (a multi-chunk read into one large array did not).
+    """
+    import dask.array as da
+
+    q = _queries(queries, store.dim, m)
+    n, tr = store.committed, store.task_rows
+    chosen = range(-(-n // tr)) if blocks is None else blocks
+    reader = zarr_rows(store, ("lon", "lat", "source") if where is not None else ())
+    spans = [p for b in chosen for p in _split(b * tr, min(b * tr + tr, n), reader.step, STREAM_TASK_SPLIT)]
+    if not spans:
+        return np.empty((len(q), 0), np.float32), np.empty((len(q), 0), np.int64)
+    qn = np.einsum("ij,ij->i", q, q)
+    chunk = partial(knn_chunk, q=q, qnorm2=qn, m=m, where=where)
+    desc = da.map_blocks(_stream_block, chunks=(tuple(hi - lo for lo, hi in spans),), dtype=np.float32,
+                         meta=np.empty((0,), np.float32), reader=reader, starts=tuple(lo for lo, _ in spans),
+                         chunk=chunk, m=m, name="knn-stream-" + tokenize(str(store.path), n, q, m, where, spans))
+    out = _tree(desc, _passthrough, m, split_every, "knn")
+    return out[0], out[1]
+
+
+def read_hits(store: Store, rows: np.ndarray, names: Sequence[str] = HIT_COLUMNS) -> np.ndarray:
+    """The ``names`` columns at ``rows`` (any shape), as one structured array: reads only their chunks."""
+    rows = np.asarray(rows, dtype=np.int64)
+    flat, inv = np.unique(rows, return_inverse=True)
+    return hit_records(names, [store.read(n, flat) for n in names], inv.reshape(rows.shape))
+
+
+def store_knn(store: Store, queries: np.ndarray, m: int, *, split_every: int | None = None,
+              where: RowFilter | None = None, columns: Sequence[Any] | None = None,
+              blocks: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact ``m`` nearest rows of a store and their :data:`HIT_COLUMNS`, in one pass.
+
+    A persisted store (:meth:`~dask_fp.store.Store.persist`) is scanned in cluster
+    memory and its coordinate columns travel with the hits through the merge; the
+    packed graph is kept in the store's ``scan_cache``. Otherwise the store is
+    streamed from Zarr (:func:`stream_knn`) and the hits' columns are read
+    afterwards, their rows only.
+
+    Returns
+    -------
+    dist, rows : as :func:`knn`
+    records : structured ndarray (q, ≤ m) with the :data:`HIT_COLUMNS` of each hit
+    """
+    if store.persisted:
+        d, r, rec = knn_hits(store.fingerprints(), store.norm2(), queries, m,
+                             payload={c: store.column(c) for c in HIT_COLUMNS}, split_every=split_every,
+                             where=where, columns=columns, blocks=blocks, cache=store.scan_cache)
+        return d, r, rec  # type: ignore[return-value]  # with a payload, records come back
+    d, r = stream_knn(store, queries, m, split_every=split_every, where=where, blocks=blocks)
+    return d, r, read_hits(store, r)

@@ -42,6 +42,8 @@ class Store:
                 " the store is damaged."
             )
         self._persisted: Any = None
+        #: Query-independent graph pieces of the scan (:mod:`dask_fp.scan`), rebuilt when the arrays change.
+        self.scan_cache: dict[str, Any] = {}
         self._sources: list[dict[str, Any]] | None = None
         self._source_rows: np.ndarray | None = None
         # No per-chunk walk here: opening costs a fixed number of file reads (group and
@@ -119,11 +121,13 @@ class Store:
 
     def column(self, name: str) -> Any:
         """A committed per-tile array (``lon``, ``lat``, ``source``, …) as a dask array ``(tile,)``,
-        chunked like :meth:`fingerprints`."""
+        chunked like :meth:`fingerprints` (from memory after :meth:`persist`)."""
         import dask.array as da
 
         if name not in COORDS:
             raise StoreError(f"{self.path}: no per-tile column {name!r}; columns are {', '.join(COORDS)}.")
+        if self._persisted is not None and name in self._persisted[2]:
+            return self._persisted[2][name]
         return da.from_zarr(self.arrays[name], chunks=self.task_rows)[: self.committed]
 
     @property
@@ -131,12 +135,25 @@ class Store:
         """Rows per query task: ``task_chunks`` Zarr chunks (fewer, larger tasks)."""
         return int(self.arrays["fingerprint"].chunks[0]) * self.task_chunks
 
+    @property
+    def persisted(self) -> bool:
+        """Whether :meth:`persist` holds the store in (cluster) memory."""
+        return self._persisted is not None
+
     def persist(self) -> Store:
-        """Keep fingerprints and norms in (cluster) memory for repeated queries."""
+        """Keep fingerprints, norms and the per-tile columns in (cluster) memory for repeated queries.
+
+        The columns (uid, source, wy, wx, x, y, lon, lat: 52 B per tile, 2.5 % of a
+        512-d float32 fingerprint) let a query return its hits' coordinates from
+        the same pass, and area filters read lon/lat/source from memory.
+        """
         import dask
 
-        fp, n2 = self.fingerprints(), self.norm2()
-        self._persisted = dask.persist(fp, n2)
+        self._persisted = None
+        self.scan_cache.clear()
+        names = [c for c in COORDS if c != "norm2"]
+        fp, n2, *cols = dask.persist(self.fingerprints(), self.norm2(), *[self.column(c) for c in names])
+        self._persisted = (fp, n2, dict(zip(names, cols, strict=True)))
         return self
 
     def coords(self, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
