@@ -319,13 +319,14 @@ class ZarrRows:
         return [np.asarray(a[lo:hi]) for a in self.arrays]
 
 
-def zarr_rows(store: Store, names: Sequence[str]) -> ZarrRows:
-    """A :class:`ZarrRows` over ``fingerprint``, ``norm2`` and ``names`` of ``store``."""
+def zarr_rows(store: Store, names: Sequence[str], step_bytes: int = STREAM_READ_BYTES) -> ZarrRows:
+    """A :class:`ZarrRows` over ``fingerprint``, ``norm2`` and ``names`` of ``store``, reading whole
+    chunks of every array, about ``step_bytes`` of fingerprints (at least one chunk) at a time."""
     arrays = [store.arrays[n] for n in ("fingerprint", "norm2", *names)]
     fp = arrays[0]
     chunk = math.lcm(*(int(a.chunks[0]) for a in arrays))
     row_bytes = int(np.prod(fp.shape[1:])) * fp.dtype.itemsize
-    step = chunk * max(1, STREAM_READ_BYTES // (chunk * row_bytes))
+    step = chunk * max(1, step_bytes // (chunk * row_bytes))
     files = tuple(store.files[n] for n in ("fingerprint", "norm2", *names))
     return ZarrRows(tuple(arrays), files, str(store.path), store.committed, step)
 
@@ -358,20 +359,22 @@ def _passthrough(block: Any, axis: Any = None, keepdims: bool = False) -> Any:
 
 
 def stream_knn(store: Store, queries: np.ndarray, m: int, *, split_every: int | None = None,
-               where: RowFilter | None = None, blocks: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+               where: RowFilter | None = None, blocks: Sequence[int] | None = None,
+               step_bytes: int = STREAM_READ_BYTES) -> tuple[np.ndarray, np.ndarray]:
     """:func:`knn` over a store read from Zarr (not persisted), :data:`STREAM_TASK_SPLIT` tasks per row block.
 
     Each task reads its block a few Zarr chunks at a time (:data:`STREAM_READ_BYTES`)
     and scans each piece while it is in cache, instead of assembling the whole
     block first: decompression and distances of both worker threads then run in
-    parallel (a multi-chunk read into one large array did not).
+    parallel (a multi-chunk read into one large array did not). ``blocks`` are
+    row blocks of :meth:`~dask_fp.store.Store.fingerprints`, as for :func:`knn`.
     """
     import dask.array as da
 
     q = _queries(queries, store.dim, m)
     n, tr = store.committed, store.task_rows
     chosen = range(-(-n // tr)) if blocks is None else blocks
-    reader = zarr_rows(store, ("lon", "lat", "source") if where is not None else ())
+    reader = zarr_rows(store, ("lon", "lat", "source") if where is not None else (), step_bytes)
     spans = [p for b in chosen for p in _split(b * tr, min(b * tr + tr, n), reader.step, STREAM_TASK_SPLIT)]
     if not spans:
         return np.empty((len(q), 0), np.float32), np.empty((len(q), 0), np.int64)
