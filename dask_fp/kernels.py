@@ -171,25 +171,24 @@ def knn_chunk(
     qnorm2: np.ndarray,
     m: int,
     where: RowFilter | None = None,
-    payload: tuple[str, ...] = (),
+    records: bool = False,
     axis: Any = None,
     keepdims: bool = False,
 ) -> tuple[np.ndarray, ...]:
-    """Chunk step: a block ``(x, norm2, payload columns…, rows[, lon, lat, source])`` → each query's ``m`` best.
+    """Chunk step: a block ``(x, norm2[, records], rows[, lon, lat, source])`` → each query's ``m`` best.
 
-    Returns ``(dist, rows)``, or ``(dist, rows, records)`` when the block
-    carries ``payload`` columns (named by ``payload``; ``records`` is a
-    structured array of their values at the kept rows, :func:`hit_records`).
-    Rows outside ``where`` are dropped before the distances (a chunk wholly
-    outside costs only the mask).
+    Returns ``(dist, rows)``, or with ``records`` (the block carries a
+    structured array of per-row values, e.g. the tiles' coordinates)
+    ``(dist, rows, records at the kept rows)``. Rows outside ``where`` are
+    dropped before the distances (a chunk wholly outside costs only the mask).
     """
-    x, norm2, *cols, rows = _filtered(block, where, 3 + len(payload))
+    x, norm2, *rec, rows = _filtered(block, where, 4 if records else 3)
     d = chunk_distances(x, norm2, q, qnorm2)
     rows = rows.astype(np.int64)
-    if not payload:
+    if not records:
         return top_m(d, rows, m)
-    idx = top_m_index(d, rows, m)  # records only for the kept rows, not the whole block
-    return np.take_along_axis(d, idx, axis=1), rows[idx], hit_records(payload, cols, idx)
+    idx = top_m_index(d, rows, m)
+    return np.take_along_axis(d, idx, axis=1), rows[idx], rec[0][idx]
 
 
 def score_chunk(

@@ -10,7 +10,7 @@ combine and aggregate steps merge candidate lists in a tree
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -21,6 +21,7 @@ from dask.base import tokenize
 from .errors import QueryError
 from .kernels import RowFilter, hit_records, hits_merge, knn_chunk, knn_merge, score_chunk
 from .store.chunks import ChunkFiles, damage_error
+from .store.reader import TILE_COLUMNS
 
 if TYPE_CHECKING:
     from .store import Store
@@ -187,36 +188,35 @@ def knn_hits(
     queries: np.ndarray,
     m: int,
     *,
-    payload: Mapping[str, Any] | None = None,
+    records: Any = None,
     split_every: int | None = None,
     where: RowFilter | None = None,
     columns: Sequence[Any] | None = None,
     blocks: Sequence[int] | None = None,
     cache: dict[str, Any] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """:func:`knn`, and the ``payload`` columns' values at each hit, from the same pass.
+    """:func:`knn`, and the ``records`` of each hit, from the same pass.
 
-    ``payload`` maps names to per-row dask arrays chunked like ``x`` (a
-    persisted store's coordinate columns); each chunk task takes its kept
-    rows' values and the merge carries them, so no column is read afterwards.
-    ``cache``: see :func:`_packed`.
+    ``records`` is a structured dask array ``(n,)`` chunked like ``x`` (a
+    persisted store's :meth:`~dask_fp.store.Store.tiles`); each chunk task takes
+    its kept rows' records and the merge carries them, so nothing is read
+    afterwards. ``cache``: see :func:`_packed`.
 
     Returns
     -------
     dist, rows : as :func:`knn`
-    records : structured ndarray of shape (q, ≤ m), one field per payload column (None without)
+    records : structured ndarray of shape (q, ≤ m), or None without ``records``
     """
     q = _queries(queries, x.shape[1], m)
-    names = tuple(payload or ())
     if x.shape[0] == 0 or (blocks is not None and len(blocks) == 0):
-        empty = hit_records(names, [np.empty(0, c.dtype) for c in (payload or {}).values()], np.empty((len(q), 0), int))
-        return np.empty((len(q), 0), np.float32), np.empty((len(q), 0), np.int64), empty if names else None
+        empty = None if records is None else np.empty((len(q), 0), dtype=records.dtype)
+        return np.empty((len(q), 0), np.float32), np.empty((len(q), 0), np.int64), empty
     qn = np.einsum("ij,ij->i", q, q)
-    cols = [norm2, *(payload or {}).values(), *_filter_columns(where, columns)]
-    chunk = partial(knn_chunk, q=q, qnorm2=qn, m=m, where=where, payload=names)
-    out = _reduce(x, cols, chunk, m, split_every, "knn", 1 + len(names), blocks, cache,
-                  hits_merge if names else knn_merge)
-    return out[0], out[1], out[2] if names else None
+    data = [norm2] if records is None else [norm2, records]
+    chunk = partial(knn_chunk, q=q, qnorm2=qn, m=m, where=where, records=records is not None)
+    out = _reduce(x, [*data, *_filter_columns(where, columns)], chunk, m, split_every, "knn", len(data), blocks,
+                  cache, knn_merge if records is None else hits_merge)
+    return out[0], out[1], None if records is None else out[2]
 
 
 def score_pass(
@@ -256,8 +256,9 @@ def score_pass(
 
 # --------------------------------------------------------------------------- a whole store
 
-#: Per-tile columns a search returns with its hits (what :class:`~dask_fp.hits.Hits` tables show).
-HIT_COLUMNS = ("uid", "source", "wy", "wx", "x", "y", "lon", "lat")
+#: Per-tile columns a search returns with its hits (what :class:`~dask_fp.hits.Hits` tables show):
+#: those of :meth:`~dask_fp.store.Store.tiles`.
+HIT_COLUMNS = TILE_COLUMNS
 #: Bytes of fingerprints a streamed chunk task reads and scans at a time (whole Zarr chunks):
 #: the block stays in cache between decompression and the distances.
 STREAM_READ_BYTES = 16 << 20
@@ -411,9 +412,9 @@ def store_knn(store: Store, queries: np.ndarray, m: int, *, split_every: int | N
     records : structured ndarray (q, ≤ m) with the :data:`HIT_COLUMNS` of each hit
     """
     if store.persisted:
-        d, r, rec = knn_hits(store.fingerprints(), store.norm2(), queries, m,
-                             payload={c: store.column(c) for c in HIT_COLUMNS}, split_every=split_every,
-                             where=where, columns=columns, blocks=blocks, cache=store.scan_cache)
+        d, r, rec = knn_hits(store.fingerprints(), store.norm2(), queries, m, records=store.tiles(),
+                             split_every=split_every, where=where, columns=columns, blocks=blocks,
+                             cache=store.scan_cache)
         return d, r, rec  # type: ignore[return-value]  # with a payload, records come back
     d, r = stream_knn(store, queries, m, split_every=split_every, where=where, blocks=blocks)
     return d, r, read_hits(store, r)
