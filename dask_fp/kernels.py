@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .tiling import Tiling, windows_overlap
+from .tiling import Tiling
 
 
 def top_m_index(dist: np.ndarray, rows: np.ndarray, m: int) -> np.ndarray:
@@ -274,14 +274,14 @@ def dedup_mask(
     kept: dict[int, list[tuple[int, int]]] = {}
     for s, y, x in exclude:
         kept.setdefault(int(s), []).append((int(y), int(x)))
+    t, st = int(tiling.tile), int(tiling.stride)
+    # Plain Python ints: a ranked list is short (k·(2r+1)² rows), numpy per row would cost more.
     for i, (s, y, x) in enumerate(zip(source.tolist(), wy.tolist(), wx.tolist(), strict=True)):
-        prev = kept.get(s)
-        if prev:
-            py, px = np.array(prev).T
-            if windows_overlap(py, px, y, x, tile=tiling.tile, stride=tiling.stride).any():
-                continue
+        prev = kept.setdefault(s, [])
+        if any(abs(y - py) * st < t and abs(x - px) * st < t for py, px in prev):  # tiling.windows_overlap
+            continue
         keep[i] = True
-        kept.setdefault(s, []).append((y, x))
+        prev.append((y, x))
     return keep
 
 
