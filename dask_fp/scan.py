@@ -416,5 +416,6 @@ def store_knn(store: Store, queries: np.ndarray, m: int, *, split_every: int | N
                              split_every=split_every, where=where, columns=columns, blocks=blocks,
                              cache=store.scan_cache)
         return d, r, rec  # type: ignore[return-value]  # with a payload, records come back
+    store.scan_cache.clear()  # a graph over arrays no longer persisted would hold their memory
     d, r = stream_knn(store, queries, m, split_every=split_every, where=where, blocks=blocks)
     return d, r, read_hits(store, r)
