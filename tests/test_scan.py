@@ -1,5 +1,5 @@
-"""Tests of the store-level passes in ``dask_fp.scan``: the streamed chunk-wise scan, and the
-persisted scan whose hits carry their coordinates through the merge.
+"""Tests of the store-level passes in ``dask_fp.scan`` and ``dask_fp.stream``: the streamed
+chunk-wise scan, and the persisted scan whose hits carry their coordinates through the merge.
 
 Every result is checked against a numpy brute force sorted by (distance, row)
 over integer fingerprints (exact float32 distances, so ties are broken by row).
@@ -16,9 +16,10 @@ import pytest
 from dask_fp.errors import StoreError
 from dask_fp.filters import candidate_blocks
 from dask_fp.kernels import RowFilter, hit_records, hits_merge, knn_merge, top_m, top_m_hits
-from dask_fp.scan import HIT_COLUMNS, _split, read_hits, store_knn, stream_knn
+from dask_fp.scan import HIT_COLUMNS, read_hits, store_knn, stream_knn
 from dask_fp.search import Query, search
 from dask_fp.store import open_store
+from dask_fp.stream import _split
 
 try:
     from ._search_helpers import SourceSpec, brute_knn, build_store
