@@ -148,6 +148,25 @@ def test_stream_knn_with_a_filter_and_some_blocks(client, built):
     np.testing.assert_array_equal(r, brute_knn(fp[rows], q, 9, rows=rows)[1])
 
 
+def test_persisted_filtered_scan_and_columns(client, built):
+    """A persisted store's columns come from memory (Store.tiles) and filter its scan like the stored ones."""
+    st = _open(built.path)
+    fp, q = built.fingerprint, _queries(built.fingerprint)
+    where = RowFilter(sources=(1,))
+    keep = np.flatnonzero(built.cols["source"] == 1)
+    with dask.config.set(scheduler=client):
+        st.persist()
+        for name in HIT_COLUMNS:
+            np.testing.assert_array_equal(st.column(name).compute(), built.cols[name], err_msg=name)
+        blocks = candidate_blocks(st, where, st.fingerprints().chunks[0])
+        d, r, rec = store_knn(st, q, 12, where=where, blocks=blocks,
+                              columns=[st.column("lon"), st.column("lat"), st.column("source")])
+    ed, er = brute_knn(fp[keep], q, 12, rows=keep)
+    np.testing.assert_array_equal(r, er)
+    np.testing.assert_array_equal(d, ed.astype(np.float32))
+    np.testing.assert_array_equal(rec["uid"], built.cols["uid"][er])
+
+
 def test_persisted_hits_carry_their_columns_and_read_no_column(client, built, tmp_path):
     """After persist(), a query returns every hit column from cluster memory: the column
     files can be gone from disk and the hits are still right. The packed graph is built once."""

@@ -27,8 +27,8 @@ def _records(*cols: np.ndarray) -> np.ndarray:
     return out
 
 
-def _field(block: np.ndarray, name: str) -> np.ndarray:
-    return np.ascontiguousarray(block[name])
+def _field(block: np.ndarray, field: str) -> np.ndarray:
+    return np.ascontiguousarray(block[field])
 
 
 class Store:
@@ -141,7 +141,8 @@ class Store:
         if name not in COORDS:
             raise StoreError(f"{self.path}: no per-tile column {name!r}; columns are {', '.join(COORDS)}.")
         if self._persisted is not None and name in TILE_COLUMNS:
-            return self._persisted[2].map_blocks(_field, name=name, dtype=COORD_DTYPES[name])
+            return self._persisted[2].map_blocks(_field, field=name, dtype=COORD_DTYPES[name],
+                                                 meta=np.empty((0,), dtype=COORD_DTYPES[name]))
         return da.from_zarr(self.arrays[name], chunks=self.task_rows)[: self.committed]
 
     def tiles(self) -> Any:
