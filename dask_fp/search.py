@@ -1,7 +1,8 @@
 """The ``search`` verb: queries in, one exact k-NN pass over the store, de-duplicated Hits out.
 
-The pass is :func:`dask_fp.scan.knn` (one ``dask.array.reduction``); query
-inputs are assembled by :mod:`dask_fp.query`.
+The pass is :func:`dask_fp.scan.store_knn` (one ``dask.array.reduction``, over
+a persisted store in memory or streamed from Zarr; the hits' coordinates come
+with it); query inputs are assembled by :mod:`dask_fp.query`.
 
 De-duplication (on by default) drops a hit that overlaps a better hit of the
 same source, and the query's own tiles. Each kept hit can suppress at most
