@@ -8,13 +8,18 @@ API, then times, in one run on one machine:
 - numpy brute force over the in-memory matrix, with dask-fp's formula
   ``‖x‖² − 2x·q + ‖q‖²``;
 - FAISS ``IndexFlatL2`` (faiss-cpu);
-- dask-fp ``search.knn`` and the whole ``search.search`` verb on a
-  distributed LocalCluster, with the store streamed from Zarr and persisted
-  in cluster memory.
+- a plain single-process loop that reads the store's Zarr chunks in turn and
+  scans each with numpy (the peer of a streamed scan);
+- dask-fp's exact scan (the reduction alone: ``scan.knn`` over the persisted
+  arrays, ``scan.stream_knn`` for a store read from Zarr, and for reference the
+  older ``scan.knn`` over ``Store.fingerprints()``) and the whole
+  ``search.search`` verb on a distributed LocalCluster, with the store streamed
+  from Zarr and persisted in cluster memory.
 
 Each is timed for one query and for a batch of 100 (k = 10); the table shows
-medians over ``--repeats`` runs after one warm-up. dask-fp's rows are
-checked against numpy brute force.
+medians over ``--repeats`` runs after one warm-up. Every timed run (warm-up
+included) gets query vectors never used before, so no result can come from a
+cache. dask-fp's rows are checked against numpy brute force.
 
 Run::
 
@@ -71,9 +76,20 @@ def fingerprint_block(n_rows: int, start: int, *, seed: int) -> np.ndarray:
     return rng.random((n_rows, DIM), dtype=np.float32)
 
 
-def make_queries(n: int, *, seed: int) -> np.ndarray:
-    """Query vectors from the fingerprints' distribution, not taken from the store."""
-    return np.random.default_rng([seed, 10**9]).random((n, DIM), dtype=np.float32)
+def make_queries(n: int, *, seed: int, rep: int = 0) -> np.ndarray:
+    """Query vectors from the fingerprints' distribution, not taken from the store; ``rep`` > 0 for fresh ones."""
+    return np.random.default_rng([seed, 10**9, rep]).random((n, DIM), dtype=np.float32)
+
+
+class Fresh:
+    """A new batch of ``n`` query vectors on every call (made before the clock starts)."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.calls = n, seed, 0
+
+    def __call__(self) -> np.ndarray:
+        self.calls += 1
+        return make_queries(self.n, seed=self.seed, rep=self.calls)
 
 
 def build_store(path: Path, n: int, *, seed: int, log: Callable[[str], None]) -> tuple[Any, float]:
@@ -142,6 +158,28 @@ def numpy_knn(x: np.ndarray, norm2: np.ndarray, q: np.ndarray, k: int) -> tuple[
     return np.take_along_axis(dd, order, axis=1), np.take_along_axis(idx, order, axis=1).astype(np.int64)
 
 
+def plain_stream_knn(store: Any, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The peer of a streamed scan: one process reads each Zarr chunk in turn and scans it with numpy."""
+    fp, nrm = store.arrays["fingerprint"], store.arrays["norm2"]
+    c = int(fp.chunks[0])
+    qn = np.einsum("ij,ij->i", q, q)
+    best_d = np.empty((len(q), 0), np.float32)
+    best_r = np.empty((len(q), 0), np.int64)
+    for start in range(0, store.committed, c):
+        stop = min(start + c, store.committed)
+        d = q @ np.asarray(fp[start:stop]).T
+        d *= -2.0
+        d += np.asarray(nrm[start:stop])[None, :]
+        d += qn[:, None]
+        np.maximum(d, 0.0, out=d)
+        d = np.concatenate([best_d, d], axis=1)
+        r = np.concatenate([best_r, np.broadcast_to(np.arange(start, stop), (len(q), stop - start))], axis=1)
+        idx = np.argpartition(d, min(k, d.shape[1]) - 1, axis=1)[:, :k]
+        best_d, best_r = np.take_along_axis(d, idx, 1), np.take_along_axis(r, idx, 1)
+    order = np.lexsort((best_r, best_d), axis=1)
+    return np.take_along_axis(best_d, order, 1), np.take_along_axis(best_r, order, 1)
+
+
 def paper_knn(fingerprints: dict[int, np.ndarray], q: np.ndarray, k: int) -> list[tuple[float, int]]:
     """The paper's section IV.2: walk every item, keep a sorted list of the k best.
 
@@ -171,15 +209,20 @@ class Timing:
         return statistics.median(self.runs)
 
 
-def measure(fn: Callable[[], Any], *, repeats: int, warmup: int = 1, budget_s: float = 45.0) -> Timing:
-    """Median wall time of ``fn`` over ``repeats`` runs after ``warmup``; fewer if over budget."""
+def measure(fn: Callable[[np.ndarray], Any], queries: Callable[[], np.ndarray], *, repeats: int, warmup: int = 1,
+            budget_s: float = 45.0) -> Timing:
+    """Median wall time of ``fn(queries())`` over ``repeats`` runs after ``warmup``; fewer if over budget.
+
+    ``queries()`` runs before each clock starts and gives every run its own query vectors.
+    """
     t_start = time.perf_counter()
     for _ in range(warmup):
-        fn()
+        fn(queries())
     runs = []
     for _ in range(repeats):
+        q = queries()
         t0 = time.perf_counter()
-        fn()
+        fn(q)
         runs.append(time.perf_counter() - t0)
         if time.perf_counter() - t_start > budget_s:
             break
@@ -271,15 +314,13 @@ def environment() -> dict[str, Any]:
 # --------------------------------------------------------------------------- the run
 
 
-def profile_knn(client: Any, store: Any, q: np.ndarray) -> dict[str, Any]:
-    """One knn call under the task stream: task count and compute seconds per task prefix."""
+def profile_call(client: Any, fn: Callable[[], Any]) -> dict[str, Any]:
+    """One scan under the task stream: task count and compute seconds per task prefix."""
     from distributed import get_task_stream
-
-    from dask_fp.scan import knn
 
     t0 = time.perf_counter()
     with get_task_stream(client) as ts:
-        knn(store.fingerprints(), store.norm2(), q, K)
+        fn()
     wall = time.perf_counter() - t0
     per: dict[str, float] = defaultdict(float)
     count: dict[str, int] = defaultdict(int)
@@ -295,18 +336,25 @@ def profile_knn(client: Any, store: Any, q: np.ndarray) -> dict[str, Any]:
 
 
 def run_daskfp(path: Path, qs: dict[str, np.ndarray], oracle: dict[str, np.ndarray], *, cluster: str,
-               repeats: int, budget_s: float, check: bool, profile: bool,
+               repeats: int, budget_s: float, check: bool, profile: bool, seed: int,
                log: Callable[[str], None]) -> tuple[dict[str, Timing], dict[str, Any]]:
-    """dask-fp on a LocalCluster: knn (1 and 100 queries) and search() (1 query), streamed and persisted."""
+    """dask-fp on a LocalCluster, streamed then persisted: the exact scan (1 and 100 queries) and search() (1).
+
+    The scan is the reduction alone: ``stream_knn`` streamed, ``knn`` over the persisted
+    arrays. Streamed, the older ``knn`` over ``Store.fingerprints()`` is timed first, before
+    any ``stream_knn`` task has run in the worker (they tune the worker's allocator).
+    """
     from distributed import futures_of, wait
 
     from dask_fp.cluster import ClusterOptions, get_client
-    from dask_fp.search import Query, knn, search
+    from dask_fp.scan import knn, stream_knn
+    from dask_fp.search import Query, search
     from dask_fp.store import open_store
 
     workers, threads = CLUSTERS[cluster]
     res: dict[str, Timing] = {}
     extra: dict[str, Any] = {}
+    sizes = {label: len(q) for label, q in qs.items()}
     with get_client(ClusterOptions(workers=workers, threads_per_worker=threads, dashboard=False),
                     log=log) as client:
         for mode in ("streamed", "persisted"):
@@ -314,26 +362,41 @@ def run_daskfp(path: Path, qs: dict[str, np.ndarray], oracle: dict[str, np.ndarr
             if mode == "persisted":
                 t0 = time.perf_counter()
                 st.persist()
-                wait(futures_of(st.fingerprints()) + futures_of(st.norm2()))
+                wait(futures_of(st._persisted))
                 extra["persist_s"] = time.perf_counter() - t0
+
+            def scan(q: np.ndarray, st: Any = st, mode: str = mode) -> tuple[np.ndarray, np.ndarray]:
+                return knn(st.fingerprints(), st.norm2(), q, K) if mode == "persisted" else stream_knn(st, q, K)
+
+            if mode == "streamed":
+                for label, q in qs.items():
+                    res[f"knn-array streamed {label}"] = measure(
+                        lambda q, st=st: knn(st.fingerprints(), st.norm2(), q, K), Fresh(sizes[label], seed + 50),
+                        repeats=repeats, budget_s=budget_s)
+                log(f"  dask-fp [{cluster}] streamed, knn over Store.fingerprints(): "
+                    f"{res['knn-array streamed single'].median * 1e3:.1f} / "
+                    f"{res['knn-array streamed batch'].median * 1e3:.1f} ms")
             for label, q in qs.items():
-                _, rows = knn(st.fingerprints(), st.norm2(), q, K)
+                _, rows = scan(q)
                 if check:
                     fp = st.arrays["fingerprint"]
                     extra[f"check {mode} {label}"] = check_rows(
                         f"dask-fp {mode}", rows, oracle[label], lambda r, fp=fp: fp.get_orthogonal_selection(r), q)
-                res[f"knn {mode} {label}"] = measure(
-                    lambda q=q, st=st: knn(st.fingerprints(), st.norm2(), q, K), repeats=repeats, budget_s=budget_s)
+                res[f"knn {mode} {label}"] = measure(scan, Fresh(sizes[label], seed + 100), repeats=repeats,
+                                                     budget_s=budget_s)
                 msg = f"  dask-fp [{cluster}] {mode} {label}: knn {res[f'knn {mode} {label}'].median * 1e3:.1f} ms"
                 if label == "single":
-                    one = [Query("q0", q[0])]
-                    res[f"search {mode} {label}"] = measure(lambda one=one, st=st: search(st, one, k=K),
-                                                            repeats=repeats, budget_s=budget_s)
+                    hits = search(st, [Query("q0", q[0])], k=K, dedup=False)
+                    if check:
+                        assert hits.table["row"].tolist() == oracle[label][0].tolist(), "search() disagrees"
+                    res[f"search {mode} {label}"] = measure(
+                        lambda v, st=st: search(st, [Query("q0", v[0])], k=K), Fresh(1, seed + 200),
+                        repeats=repeats, budget_s=budget_s)
                     msg += f", search() {res[f'search {mode} {label}'].median * 1e3:.1f} ms"
                 log(msg)
             if profile:
                 for label, q in qs.items():
-                    p = extra[f"profile {mode} {label}"] = profile_knn(client, st, q)
+                    p = extra[f"profile {mode} {label}"] = profile_call(client, lambda q=q: scan(q))
                     log(f"  profile {mode} {label}: {p['tasks']} tasks, wall {p['wall_s'] * 1e3:.0f} ms,"
                         f" compute s by task prefix {p['compute_s']}")
             del st
@@ -360,10 +423,19 @@ def run_size(n: int, args: argparse.Namespace, state: dict[str, Any],
     norm2 = np.asarray(st.arrays["norm2"][:n])
     info["load_s"] = time.perf_counter() - t0
     oracle = {label: numpy_knn(x, norm2, q, K)[1] for label, q in qs.items()}
-    for label, q in qs.items():
-        res[f"numpy {label}"] = measure(lambda q=q, x=x, n2=norm2: numpy_knn(x, n2, q, K), repeats=args.repeats,
-                                        budget_s=budget)
+    sizes = {label: len(q) for label, q in qs.items()}
+    for label in qs:
+        res[f"numpy {label}"] = measure(lambda q, x=x, n2=norm2: numpy_knn(x, n2, q, K), Fresh(sizes[label], args.seed),
+                                        repeats=args.repeats, budget_s=budget)
     log(f"  numpy brute force: {res['numpy single'].median * 1e3:.1f} / {res['numpy batch'].median * 1e3:.1f} ms")
+
+    # The plain single-process loop over the same Zarr chunks (the peer of a streamed scan).
+    for label, q in qs.items():
+        got = plain_stream_knn(st, q, K)[1]
+        info[f"plain loop {label}"] = check_rows("plain loop", got, oracle[label], lambda r, x=x: x[r], q)
+        res[f"plain {label}"] = measure(lambda q: plain_stream_knn(st, q, K), Fresh(sizes[label], args.seed + 300),
+                                        repeats=args.repeats, budget_s=budget)
+    log(f"  plain Zarr loop: {res['plain single'].median * 1e3:.1f} / {res['plain batch'].median * 1e3:.1f} ms")
 
     # FAISS flat.
     try:
@@ -379,8 +451,8 @@ def run_size(n: int, args: argparse.Namespace, state: dict[str, Any],
         for label, q in qs.items():
             _, fi = index.search(q, K)
             info[f"faiss rows equal numpy ({label})"] = float((fi == oracle[label]).mean())
-            res[f"faiss {label}"] = measure(lambda q=q, index=index: index.search(q, K), repeats=args.repeats,
-                                            budget_s=budget)
+            res[f"faiss {label}"] = measure(lambda q, index=index: index.search(q, K),
+                                            Fresh(sizes[label], args.seed + 400), repeats=args.repeats, budget_s=budget)
         log(f"  faiss flat: {res['faiss single'].median * 1e3:.1f} / {res['faiss batch'].median * 1e3:.1f} ms")
         del index
 
@@ -396,7 +468,8 @@ def run_size(n: int, args: argparse.Namespace, state: dict[str, Any],
         got = paper_knn(fps, qs["single"][0], K)
         assert [row_of[u] for _, u in got] == oracle["single"][0].tolist(), "the paper's method disagrees"
         cheap = est_single * (args.repeats + 1) < budget
-        t = measure(lambda fps=fps: paper_knn(fps, qs["single"][0], K), repeats=args.repeats if cheap else 1,
+        t = measure(lambda q, fps=fps: paper_knn(fps, q[0], K), Fresh(1, args.seed + 500),
+                    repeats=args.repeats if cheap else 1,
                     warmup=0, budget_s=budget)  # the check above was the warm-up
         if not cheap:
             t.note = "1 run"
@@ -421,7 +494,7 @@ def run_size(n: int, args: argparse.Namespace, state: dict[str, Any],
     # dask-fp, per cluster layout.
     for cluster in args.clusters:
         sub, extra = run_daskfp(path, qs, oracle, cluster=cluster, repeats=args.repeats, budget_s=budget,
-                                check=args.check, profile=args.profile, log=log)
+                                check=args.check, profile=args.profile, seed=args.seed, log=log)
         for key, v in sub.items():
             res[f"dask-fp[{cluster}] {key}"] = v
         info[f"dask-fp[{cluster}]"] = extra
@@ -459,12 +532,15 @@ def report(all_res: dict[int, dict[str, Any]], clusters: Sequence[str]) -> tuple
         ("paper's method (dict walk, sorted top-k)", "paper"),
         ("numpy brute force (in memory)", "numpy"),
         ("FAISS IndexFlatL2", "faiss"),
+        ("plain 1-process loop over the Zarr chunks (numpy)", "plain"),
     ]
     for c in clusters:
         w, t = CLUSTERS[c]
         lay = f"{w} worker{'s' if w > 1 else ''} x {t} thread{'s' if t > 1 else ''}"
+        rows.append((f"dask-fp knn over Store.fingerprints(), streamed [{lay}]", f"dask-fp[{c}] knn-array streamed"))
         for mode in ("streamed", "persisted"):
-            rows.append((f"dask-fp knn, {mode} [{lay}]", f"dask-fp[{c}] knn {mode}"))
+            rows.append((f"dask-fp {'stream_knn' if mode == 'streamed' else 'knn'}, {mode} [{lay}]",
+                         f"dask-fp[{c}] knn {mode}"))
             rows.append((f"dask-fp search(), {mode} [{lay}]", f"dask-fp[{c}] search {mode}"))
     w0 = max(len(r[0]) for r in rows)
     head1 = " " * w0 + "".join(f" | {f'{n:,} rows':^21}" for n in sizes)
@@ -484,6 +560,19 @@ def report(all_res: dict[int, dict[str, Any]], clusters: Sequence[str]) -> tuple
     ratios: dict[str, Any] = {"best_cluster": best}
     lines.append("")
     lines.append(f"ratios (dask-fp on the better layout, {best}):")
+    for n in sizes:
+        t = all_res[n]["timings"]
+        for mode in ("persisted", "streamed"):
+            r = t[f"dask-fp[{best}] search {mode} single"].median / t[f"dask-fp[{best}] knn {mode} single"].median
+            ratios[f"search/knn {mode} @{n}"] = r
+            goal = f" (goal <= 1.2x: {'met' if r <= 1.2 else 'MISSED'})" if mode == "persisted" else ""
+            lines.append(f"  {n:>9,} rows, single: search() / knn {mode:9}            = {r:6.2f}x{goal}")
+        for label in ("single", "batch"):
+            for key, what in (("knn", "stream_knn"), ("knn-array", "knn(Store.fingerprints())")):
+                r = t[f"plain {label}"].median / t[f"dask-fp[{best}] {key} streamed {label}"].median
+                ratios[f"plain/{key} streamed {label} @{n}"] = r
+                goal = f" (goal >= 0.8x: {'met' if r >= 0.8 else 'MISSED'})" if key == "knn" else ""
+                lines.append(f"  {n:>9,} rows, {label:6}: speed of {what:25} / plain Zarr loop = {r:5.2f}x{goal}")
     small, large = sizes[0], sizes[-1]
     for mode in ("streamed", "persisted"):
         for label in ("single", "batch"):
@@ -509,7 +598,7 @@ def report(all_res: dict[int, dict[str, Any]], clusters: Sequence[str]) -> tuple
             for key, v in all_res[n]["info"].get(f"dask-fp[{c}]", {}).items() if key.startswith("profile")]
     if prof:
         lines.append("")
-        lines.append("dask-fp profile (one knn call under the task stream; compute = seconds summed over tasks):")
+        lines.append("dask-fp profile (one scan under the task stream; compute = seconds summed over tasks):")
         for n, c, key, v in prof:
             top = ", ".join(f"{p} {s * 1e3:.0f} ms" for p, s in list(v["compute_s"].items())[:3])
             lines.append(f"  {n:>9,} rows [{c}] {key[8:]:17}: {v['tasks']:4} tasks, wall {v['wall_s'] * 1e3:7.0f} ms;"

@@ -15,7 +15,44 @@ from typing import Any
 
 import numpy as np
 
-from .tiling import Tiling, windows_overlap
+from .tiling import Tiling
+
+
+def top_m_index(dist: np.ndarray, rows: np.ndarray, m: int) -> np.ndarray:
+    """Column indices of each query's ``m`` smallest (distance, row) pairs, sorted by (distance, row).
+
+    Parameters
+    ----------
+    dist : ndarray, shape (q, n)
+    rows : ndarray of int64, shape (n,) or (q, n)
+    m : int
+
+    Returns
+    -------
+    idx : ndarray of intp, shape (q, min(m, n)), indices into ``dist``'s columns
+    """
+    q, n = dist.shape
+    rows = np.broadcast_to(rows, (q, n))
+    if n > m:
+        # Candidates: everything up to the m-th smallest distance (ties included).
+        kth = np.partition(dist, m - 1, axis=1)[:, m - 1 : m]
+        sel = dist <= kth
+        if not (sel.sum(axis=1) == m).all():
+            # Ties at the m-th distance: settle them by row, query by query.
+            out = np.empty((q, m), dtype=np.intp)
+            for i in range(q):
+                cand = np.flatnonzero(sel[i])
+                out[i] = cand[np.lexsort((rows[i, cand], dist[i, cand]))[:m]]
+            return out
+        idx = np.nonzero(sel)[1].reshape(q, m)
+        sub_d, sub_r = np.take_along_axis(dist, idx, axis=1), np.take_along_axis(rows, idx, axis=1)
+    else:
+        idx = np.broadcast_to(np.arange(n, dtype=np.intp), (q, n))
+        sub_d, sub_r = dist, rows
+    if not dist.size:
+        return np.zeros(dist.shape, dtype=np.intp)
+    order = np.lexsort((sub_r, sub_d), axis=1)
+    return np.take_along_axis(idx, order, axis=1)
 
 
 def top_m(dist: np.ndarray, rows: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
@@ -31,26 +68,28 @@ def top_m(dist: np.ndarray, rows: np.ndarray, m: int) -> tuple[np.ndarray, np.nd
     -------
     (dist, rows), each of shape (q, min(m, n))
     """
-    q, n = dist.shape
-    rows = np.broadcast_to(rows, (q, n))
-    if n > m:
-        # Candidates: everything up to the m-th smallest distance (ties included).
-        kth = np.partition(dist, m - 1, axis=1)[:, m - 1 : m]
-        sel = dist <= kth
-        if not (sel.sum(axis=1) == m).all():
-            # Ties at the m-th distance: settle them by row, query by query.
-            out_d = np.empty((q, m), dtype=dist.dtype)
-            out_r = np.empty((q, m), dtype=np.int64)
-            for i in range(q):
-                cand = np.flatnonzero(sel[i])
-                o = np.lexsort((rows[i, cand], dist[i, cand]))[:m]
-                out_d[i], out_r[i] = dist[i, cand[o]], rows[i, cand[o]]
-            return out_d, out_r
-        idx = np.nonzero(sel)[1].reshape(q, m)
-        dist = np.take_along_axis(dist, idx, axis=1)
-        rows = np.take_along_axis(rows, idx, axis=1)
-    order = np.lexsort((rows, dist), axis=1) if dist.size else np.zeros(dist.shape, dtype=np.intp)
-    return np.take_along_axis(dist, order, axis=1), np.take_along_axis(rows, order, axis=1).astype(np.int64)
+    idx = top_m_index(dist, rows, m)
+    rows = np.broadcast_to(rows, dist.shape)
+    return np.take_along_axis(dist, idx, axis=1), np.take_along_axis(rows, idx, axis=1).astype(np.int64)
+
+
+def top_m_hits(dist: np.ndarray, rows: np.ndarray, records: np.ndarray,
+               m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`top_m`, with ``records`` (shape of ``dist``: values that travel with the rows) taken alike."""
+    idx = top_m_index(dist, rows, m)
+    rows = np.broadcast_to(rows, dist.shape)
+    return (np.take_along_axis(dist, idx, axis=1), np.take_along_axis(rows, idx, axis=1).astype(np.int64),
+            np.take_along_axis(records, idx, axis=1))
+
+
+def hit_records(names: Sequence[str], columns: Sequence[np.ndarray], idx: np.ndarray | None = None) -> np.ndarray:
+    """One structured array of per-row ``columns`` (field ``names``), at positions ``idx`` if given."""
+    cols = [np.ravel(c) for c in columns]
+    out = np.empty(cols[0].shape if idx is None else idx.shape,
+                   dtype=[(nm, c.dtype) for nm, c in zip(names, cols, strict=True)])
+    for nm, c in zip(names, cols, strict=True):
+        out[nm] = c if idx is None else c[idx]
+    return out
 
 
 def chunk_distances(x: np.ndarray, norm2: np.ndarray, q: np.ndarray, qnorm2: np.ndarray) -> np.ndarray:
@@ -132,16 +171,24 @@ def knn_chunk(
     qnorm2: np.ndarray,
     m: int,
     where: RowFilter | None = None,
+    records: bool = False,
     axis: Any = None,
     keepdims: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Chunk step: a block ``(x, norm2, rows[, lon, lat, source])`` → each query's ``m`` best pairs.
+) -> tuple[np.ndarray, ...]:
+    """Chunk step: a block ``(x, norm2[, records], rows[, lon, lat, source])`` → each query's ``m`` best.
 
-    Rows outside ``where`` are dropped before the distances (a chunk wholly
-    outside costs only the mask).
+    Returns ``(dist, rows)``, or with ``records`` (the block carries a
+    structured array of per-row values, e.g. the tiles' coordinates)
+    ``(dist, rows, records at the kept rows)``. Rows outside ``where`` are
+    dropped before the distances (a chunk wholly outside costs only the mask).
     """
-    x, norm2, rows = _filtered(block, where, 3)
-    return top_m(chunk_distances(x, norm2, q, qnorm2), rows.astype(np.int64), m)
+    x, norm2, *rec, rows = _filtered(block, where, 4 if records else 3)
+    d = chunk_distances(x, norm2, q, qnorm2)
+    rows = rows.astype(np.int64)
+    if not records:
+        return top_m(d, rows, m)
+    idx = top_m_index(d, rows, m)
+    return np.take_along_axis(d, idx, axis=1), rows[idx], rec[0][idx]
 
 
 def score_chunk(
@@ -182,17 +229,26 @@ def knn_merge(
     axis: Any = None,
     keepdims: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Combine/aggregate step: merge candidate lists, keep ``m`` per query."""
-    if isinstance(parts, tuple):
-        parts = [parts]
-    parts = _flatten(parts)
-    dist = np.concatenate([p[0] for p in parts], axis=1)
-    rows = np.concatenate([p[1] for p in parts], axis=1)
-    return top_m(dist, rows, m)
+    """Combine/aggregate step: merge candidate lists ``(dist, rows)``, keep ``m`` per query."""
+    flat = _flatten([parts] if isinstance(parts, tuple) else parts)
+    return top_m(np.concatenate([p[0] for p in flat], axis=1), np.concatenate([p[1] for p in flat], axis=1), m)
 
 
-def _flatten(parts: list) -> list[tuple[np.ndarray, np.ndarray]]:
-    out: list[tuple[np.ndarray, np.ndarray]] = []
+def hits_merge(
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | tuple[np.ndarray, np.ndarray, np.ndarray],
+    *,
+    m: int,
+    axis: Any = None,
+    keepdims: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`knn_merge` of ``(dist, rows, records)`` lists (the records travel with their rows)."""
+    flat = _flatten([parts] if isinstance(parts, tuple) else parts)
+    d, r, rec = (np.concatenate([p[i] for p in flat], axis=1) for i in range(3))
+    return top_m_hits(d, r, rec, m)
+
+
+def _flatten(parts: list) -> list[Any]:
+    out: list[Any] = []
     for p in parts:
         if isinstance(p, list):
             out.extend(_flatten(p))
@@ -218,14 +274,14 @@ def dedup_mask(
     kept: dict[int, list[tuple[int, int]]] = {}
     for s, y, x in exclude:
         kept.setdefault(int(s), []).append((int(y), int(x)))
+    t, st = int(tiling.tile), int(tiling.stride)
+    # Plain Python ints: a ranked list is short (k·(2r+1)² rows), numpy per row would cost more.
     for i, (s, y, x) in enumerate(zip(source.tolist(), wy.tolist(), wx.tolist(), strict=True)):
-        prev = kept.get(s)
-        if prev:
-            py, px = np.array(prev).T
-            if windows_overlap(py, px, y, x, tile=tiling.tile, stride=tiling.stride).any():
-                continue
+        prev = kept.setdefault(s, [])
+        if any(abs(y - py) * st < t and abs(x - px) * st < t for py, px in prev):  # tiling.windows_overlap
+            continue
         keep[i] = True
-        kept.setdefault(s, []).append((y, x))
+        prev.append((y, x))
     return keep
 
 

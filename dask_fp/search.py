@@ -1,7 +1,8 @@
 """The ``search`` verb: queries in, one exact k-NN pass over the store, de-duplicated Hits out.
 
-The pass is :func:`dask_fp.scan.knn` (one ``dask.array.reduction``); query
-inputs are assembled by :mod:`dask_fp.query`.
+The pass is :func:`dask_fp.scan.store_knn` (one ``dask.array.reduction``, over
+a persisted store in memory or streamed from Zarr; the hits' coordinates come
+with it); query inputs are assembled by :mod:`dask_fp.query`.
 
 De-duplication (on by default) drops a hit that overlaps a better hit of the
 same source, and the query's own tiles. Each kept hit can suppress at most
@@ -27,7 +28,7 @@ from .index import choose_method, code_search
 from .kernels import RowFilter, candidates_needed, dedup_mask
 from .models import ModelOptions
 from .query import Query, image_queries, lonlat_queries, store_tiling, uid_queries
-from .scan import knn
+from .scan import knn, read_hits, store_knn
 from .store import Store, open_store
 from .tiling import Tiling
 
@@ -58,6 +59,34 @@ def keep_mask(src: np.ndarray, wy: np.ndarray, wx: np.ndarray, *, tiling: Tiling
         return np.ones(len(src), dtype=bool)
     ex = set(exclude)
     return np.array([(int(s), int(y), int(x)) not in ex for s, y, x in zip(src, wy, wx, strict=True)], dtype=bool)
+
+
+def hit_table(qs: Sequence[Query], dist: np.ndarray, rows: np.ndarray, rec: np.ndarray, st: Store, *, k: int,
+              tiling: Tiling, dedup: bool, include_self: bool) -> pd.DataFrame:
+    """The Hits table: each query's ranked candidates de-duplicated, its best ``k`` kept.
+
+    ``rec`` holds the candidates' :data:`~dask_fp.scan.HIT_COLUMNS` (shape of ``rows``).
+    """
+    qi, cj, rank = [], [], []
+    for n, q in enumerate(qs):
+        r = rec[n]
+        own = q.excluded() if not include_self else []
+        sel = np.flatnonzero(keep_mask(r["source"], r["wy"], r["wx"], tiling=tiling, dedup=dedup, exclude=own))[:k]
+        qi.append(np.full(len(sel), n, dtype=np.int64))
+        cj.append(sel)
+        rank.append(np.arange(1, len(sel) + 1, dtype=np.int64))
+    i, j = np.concatenate(qi), np.concatenate(cj).astype(np.int64)
+    h = rec[i, j]
+    paths = {s["index"]: s["path"] for s in st.sources}
+    src = h["source"].astype(np.int64)
+    cols: dict[str, Any] = {
+        "query": i, "label": np.array([q.label for q in qs], dtype=object)[i], "rank": np.concatenate(rank),
+        "uid": h["uid"].astype(np.int64), "distance": dist[i, j].astype(np.float64), "score": np.full(len(i), np.nan),
+        "source": src, "path": np.array([paths.get(int(s), "") for s in src], dtype=object),
+        "wy": h["wy"].astype(np.int64), "wx": h["wx"].astype(np.int64),
+        **{c: h[c].astype(np.float64) for c in ("x", "y", "lon", "lat")}, "row": rows[i, j].astype(np.int64),
+    }
+    return pd.DataFrame(cols, columns=TABLE_COLUMNS)
 
 
 def no_hits_in_area(st: Store, where: RowFilter | None, area: Any) -> None:
@@ -155,33 +184,17 @@ def search(
 
     how = choose_method(st, method, filtered=where is not None)
 
-    def run() -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    def run() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if how == "codes":
             d, r = code_search(st, vecs, m, candidates=candidates, split_every=split_every)
-        else:
-            x = st.fingerprints()
-            d, r = knn(x, st.norm2(), vecs, m, split_every=split_every, where=where,
-                       columns=filter_columns(st, where), blocks=candidate_blocks(st, where, x.chunks[0]))
-        f = np.unique(r)
-        return d, r, f, st.coords(f)
+            return d, r, read_hits(st, r)
+        blocks = None if where is None else candidate_blocks(st, where, st.fingerprints().chunks[0])
+        return store_knn(st, vecs, m, split_every=split_every, where=where, columns=filter_columns(st, where),
+                         blocks=blocks)
 
-    dist, rows, flat, meta = reading(st, run)
+    dist, rows, rec = reading(st, run)
     if where is not None and rows.shape[1] == 0:
         no_hits_in_area(st, where, area if area is not None else sources)
-    pos = {int(r): i for i, r in enumerate(flat)}
-    paths = {s["index"]: s["path"] for s in st.sources}
-    records = []
-    for qi, q in enumerate(qs):
-        idx = np.array([pos[int(r)] for r in rows[qi]], dtype=np.int64)
-        src, wy, wx = meta["source"][idx], meta["wy"][idx], meta["wx"][idx]
-        own = q.excluded() if not include_self else []
-        keep = keep_mask(src, wy, wx, tiling=tiling, dedup=dedup, exclude=own)
-        sel = np.flatnonzero(keep)[: int(k)]
-        for rank, j in enumerate(sel, start=1):
-            i = idx[j]
-            records.append((qi, q.label, rank, int(meta["uid"][i]), float(dist[qi, j]), np.nan, int(src[j]),
-                            paths.get(int(src[j]), ""), int(wy[j]), int(wx[j]), float(meta["x"][i]),
-                            float(meta["y"][i]), float(meta["lon"][i]), float(meta["lat"][i]), int(rows[qi, j])))
-    table = pd.DataFrame.from_records(records, columns=TABLE_COLUMNS)
+    table = hit_table(qs, dist, rows, rec, st, k=int(k), tiling=tiling, dedup=dedup, include_self=include_self)
     return Hits(table, qs, st)
 

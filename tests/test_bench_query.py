@@ -33,13 +33,32 @@ def test_numpy_and_paper_methods_agree():
         np.testing.assert_allclose([d * d for d, _ in got], dist[i], rtol=1e-4)
 
 
+def test_every_timed_run_gets_new_queries():
+    bq = load_bench()
+    seen = []
+    t = bq.measure(lambda q: seen.append(q.copy()), bq.Fresh(3, 7), repeats=4, warmup=1)
+    assert len(t.runs) == 4 and len(seen) == 5
+    assert len({q.tobytes() for q in seen}) == 5 and all(q.shape == (3, bq.DIM) for q in seen)
+    assert not any(np.array_equal(q, bq.make_queries(3, seed=7)) for q in seen)  # nor the checked ones
+
+
+def test_plain_stream_loop_equals_numpy(tmp_path):
+    bq = load_bench()
+    st, _ = bq.build_store(tmp_path / "s.zarr", 2500, seed=1, log=print)
+    x = np.asarray(st.arrays["fingerprint"][:2500])
+    q = bq.make_queries(5, seed=1)
+    want = bq.numpy_knn(x, np.asarray(st.arrays["norm2"][:2500]), q, 10)[1]
+    assert bq.check_rows("plain", bq.plain_stream_knn(st, q, 10)[1], want, lambda r: x[r], q).startswith("equal")
+
+
 def test_quick_run_prints_a_table(tmp_path, capsys):
     pytest.importorskip("faiss")
     bq = load_bench()
     out = bq.main(["--quick", "--sizes", "3000", "--repeats", "1", "--workdir", str(tmp_path), "--no-profile"])
     printed = capsys.readouterr().out
-    for label in ("paper's method", "numpy brute force", "FAISS IndexFlatL2", "dask-fp knn, streamed",
-                  "dask-fp knn, persisted", "dask-fp search(), persisted", "ratios"):
+    for label in ("paper's method", "numpy brute force", "FAISS IndexFlatL2", "plain 1-process loop",
+                  "dask-fp stream_knn, streamed", "dask-fp knn over Store.fingerprints()", "dask-fp knn, persisted",
+                  "dask-fp search(), persisted", "search() / knn persisted", "plain Zarr loop", "ratios"):
         assert label in printed
     assert out["table"] in printed
     r = out["results"]["3000"]

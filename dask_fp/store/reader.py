@@ -15,6 +15,20 @@ from .sources import read_rows, read_sources
 
 #: Row chunks per array whose files ``dask-fp info`` stats for the bytes on disk.
 INFO_SAMPLE_CHUNKS = 16
+#: The per-tile columns of :meth:`Store.tiles` (every column but ``norm2``), and their record type.
+TILE_COLUMNS = tuple(c for c in COORDS if c != "norm2")
+TILE_DTYPE = np.dtype([(c, COORD_DTYPES[c]) for c in TILE_COLUMNS])
+
+
+def _records(*cols: np.ndarray) -> np.ndarray:
+    out = np.empty(len(cols[0]), dtype=TILE_DTYPE)
+    for name, c in zip(TILE_COLUMNS, cols, strict=True):
+        out[name] = c
+    return out
+
+
+def _field(block: np.ndarray, field: str) -> np.ndarray:
+    return np.ascontiguousarray(block[field])
 
 
 class Store:
@@ -42,6 +56,8 @@ class Store:
                 " the store is damaged."
             )
         self._persisted: Any = None
+        #: Query-independent graph pieces of the scan (:mod:`dask_fp.scan`), rebuilt when the arrays change.
+        self.scan_cache: dict[str, Any] = {}
         self._sources: list[dict[str, Any]] | None = None
         self._source_rows: np.ndarray | None = None
         # No per-chunk walk here: opening costs a fixed number of file reads (group and
@@ -119,24 +135,48 @@ class Store:
 
     def column(self, name: str) -> Any:
         """A committed per-tile array (``lon``, ``lat``, ``source``, …) as a dask array ``(tile,)``,
-        chunked like :meth:`fingerprints`."""
+        chunked like :meth:`fingerprints` (from memory after :meth:`persist`)."""
         import dask.array as da
 
         if name not in COORDS:
             raise StoreError(f"{self.path}: no per-tile column {name!r}; columns are {', '.join(COORDS)}.")
+        if self._persisted is not None and name in TILE_COLUMNS:
+            return self._persisted[2].map_blocks(_field, field=name, dtype=COORD_DTYPES[name],
+                                                 meta=np.empty((0,), dtype=COORD_DTYPES[name]))
         return da.from_zarr(self.arrays[name], chunks=self.task_rows)[: self.committed]
+
+    def tiles(self) -> Any:
+        """The per-tile columns but ``norm2`` (:data:`TILE_COLUMNS`) as one structured dask array ``(tile,)``,
+        chunked like :meth:`fingerprints` (from memory after :meth:`persist`)."""
+        if self._persisted is not None:
+            return self._persisted[2]
+        import dask.array as da
+
+        return da.map_blocks(_records, *[self.column(c) for c in TILE_COLUMNS], dtype=TILE_DTYPE,
+                             meta=np.empty((0,), dtype=TILE_DTYPE))
 
     @property
     def task_rows(self) -> int:
         """Rows per query task: ``task_chunks`` Zarr chunks (fewer, larger tasks)."""
         return int(self.arrays["fingerprint"].chunks[0]) * self.task_chunks
 
+    @property
+    def persisted(self) -> bool:
+        """Whether :meth:`persist` holds the store in (cluster) memory."""
+        return self._persisted is not None
+
     def persist(self) -> Store:
-        """Keep fingerprints and norms in (cluster) memory for repeated queries."""
+        """Keep fingerprints, norms and the per-tile columns in (cluster) memory for repeated queries.
+
+        The columns (:meth:`tiles`: 52 B per tile, 2.5 % of a 512-d float32
+        fingerprint) let a query return its hits' coordinates from the same pass,
+        and area filters read lon/lat/source from memory.
+        """
         import dask
 
-        fp, n2 = self.fingerprints(), self.norm2()
-        self._persisted = dask.persist(fp, n2)
+        self._persisted = None
+        self.scan_cache.clear()
+        self._persisted = dask.persist(self.fingerprints(), self.norm2(), self.tiles())
         return self
 
     def coords(self, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
