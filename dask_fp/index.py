@@ -48,11 +48,11 @@ from .store.schema import now
 INDEX_GROUP = "index"
 INDEX_VERSION = 1
 #: Stores with at least this many committed rows are searched with codes by default
-#: (``method="auto"``), when they have an index. Measured (bench/codes.py,
-#: docs/performance.md): at 45,000 rows the exact scan is faster, so small stores stay
-#: exact; sizes between 45,000 and 10M were not measured yet, so this threshold is the
-#: 10M goal of issue 14 halved, to be replaced by the crossing point the bench finds.
-AUTO_CODES_ROWS = 5_000_000
+#: (``method="auto"``), when they have an index: the crossing point that bench/codes.py
+#: computed from its 45,000 and 1M-row measurements (straight lines through the exact
+#: persisted scan's and code search's medians cross at 39,302 rows; code search was the
+#: faster at both sizes, with recall@10 >= 0.95), rounded up (docs/performance.md).
+AUTO_CODES_ROWS = 40_000
 
 
 #: Rows of codes scanned by one task (64 MiB of 512-bit codes). The FAISS Hamming
