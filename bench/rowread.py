@@ -4,7 +4,8 @@ The exact re-rank of compact-code search reads the full fingerprints of ~1,000
 candidate rows spread over the store. This bench writes the same rows twice
 through Zarr with the store's chunking (``rows_per_chunk``: 8,192 rows of
 512-d float32, 16 MiB): once uncompressed (what the store writer makes now)
-and once with blosc-lz4 + byte shuffle (what it made before), then times, with
+once with blosc-lz4 + byte shuffle (what it made before), and twice as Zarr v3
+shards of those chunks with small inner chunks (the alternative considered), then times, with
 fresh random rows every repeat:
 
 - ``Store.read``-style reads of ``--candidates`` scattered rows
@@ -54,13 +55,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     c = rows_per_chunk(a.dim, 4)
     out: dict[str, Any] = {"command": " ".join(sys.argv), "rows": a.rows, "dim": a.dim, "chunk_rows": c,
                            "candidates": a.candidates}
-    layouts = {"uncompressed": None, "blosc-lz4": [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]}
-    for name, comp in layouts.items():
-        root = a.workdir / name
+    blosc = [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]
+    # (compressors, inner chunk rows when sharded: shards = today's chunks)
+    layouts = {"uncompressed": (None, 0), "blosc-lz4": (blosc, 0),
+               "blosc-lz4 sharded, 64-row inner chunks": (blosc, 64),
+               "blosc-lz4 sharded, 256-row inner chunks": (blosc, 256)}
+    for name, (comp, inner) in layouts.items():
+        root = a.workdir / name.replace(" ", "_").replace(",", "")
         shutil.rmtree(root, ignore_errors=True)
         g = zarr.open_group(str(root), mode="w", zarr_format=3)
-        arr = g.create_array("fingerprint", shape=(a.rows, a.dim), chunks=(c, a.dim), dtype="float32",
-                             compressors=comp, fill_value=0)
+        arr = g.create_array("fingerprint", shape=(a.rows, a.dim), chunks=(inner or c, a.dim), dtype="float32",
+                             shards=(c, a.dim) if inner else None, compressors=comp, fill_value=0)
         def block(s: int) -> np.ndarray:
             return np.random.default_rng(s).standard_normal((min(c, a.rows - s), a.dim), dtype=np.float32)
 

@@ -11,7 +11,7 @@ uncompressed (the only codec is ``bytes``, little-endian; blosc-lz4 saved
 ``r // rows``: one ``pread`` per row. Arrays with compression (older stores)
 are read through Zarr, one chunk at a time, as before: still correct, slower.
 
-Measured in ``bench/rowread.py`` (docs/performance.md, "Reading candidate rows").
+Measured in ``bench/rowread.py`` (docs/performance.md, section "Compact-code search").
 """
 
 from __future__ import annotations
