@@ -129,7 +129,7 @@ def hamming_top_m(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each query's ``m`` nearest codes: ``(hamming int32 (q, m'), rows int64 (q, m'))``, sorted by (distance, row).
 
-    With FAISS installed (extra ``codes``) and ``use_faiss``, the scan is
+    With FAISS installed (extra ``codes``, also in ``bench``) and ``use_faiss``, the scan is
     ``faiss.knn_hamming`` (SIMD popcount and a heap: ~15-30x the numpy kernel
     on 64 B codes, bench/codes.py); otherwise :func:`hamming` and
     :func:`dask_fp.kernels.top_m`. Both return the same distances; rows can
