@@ -36,7 +36,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,35 +78,50 @@ def numpy_knn(x: np.ndarray, n2: np.ndarray, q: np.ndarray, k: int) -> np.ndarra
     return np.take_along_axis(idx, np.argsort(np.take_along_axis(d, idx, 1), axis=1), 1)
 
 
-def write_store(path: Path, blocks: Callable[[int, int], np.ndarray], n: int, dim: int) -> tuple[Any, float]:
-    """A store of ``n`` rows made of ``blocks(i, rows)``, through the store writer."""
+def write_store(path: Path, blocks: Callable[[int, int], np.ndarray], n: int, dim: int,
+                reuse: bool = False, tag: str = "") -> tuple[Any, float | None]:
+    """A store of ``n`` rows made of ``blocks(i, rows)``, through the store writer, one block at a time.
+
+    With ``reuse``, a store at ``path`` already holding this bench's ``n`` rows is
+    opened instead (the write time is then None).
+    """
     import shutil
 
     from dask_fp.store import StoreSettings, open_store, open_writer
     from dask_fp.tiling import make_uid
 
+    tag = f"bench-{n}-{dim}-{tag}"
+    if reuse and path.exists():
+        try:
+            st = open_store(path)
+            if st.committed == n and st.sources and st.sources[0].get("sha256") == tag:
+                return st, None
+        except Exception as e:  # noqa: BLE001 - rewritten below
+            say(f"  not reusing {path}: {e}")
     if path.exists():
         shutil.rmtree(path)
     s = StoreSettings(model="efficientnet-lite0", weights="bench", weights_sha256="bench", feature_dim=dim,
                       tile=256, stride=256, max_empty=0.5, dtype="float32", normalisation="bench")
     nx = int(np.ceil(np.sqrt(n)))
     ny = -(-n // nx)
-    entry = {"index": 0, "path": f"bench vectors ({n} rows)", "sha256": f"bench-{n}", "crs": None, "crs_name": None,
+    entry = {"index": 0, "path": f"bench vectors ({n} rows)", "sha256": tag, "crs": None, "crs_name": None,
              "transform": [1.0, 0.0, 0.0, 0.0, 1.0, 0.0], "shape": [ny * 256, nx * 256], "bands": [1, 2, 3],
              "alpha": None, "nodata": None, "scale": None, "dtype": "uint8"}
-
-    def batches() -> Iterator[dict[str, np.ndarray]]:
-        for i, start in enumerate(range(0, n, BLOCK)):
+    t0 = time.perf_counter()
+    with open_writer(path, s) as w:
+        w.grow_to(n)
+        for i, start in enumerate(range(0, n, BLOCK)):  # one block in memory at a time (10M rows: 20 GB)
             m = min(BLOCK, n - start)
             r = np.arange(start, start + m)
             wy, wx = (r // nx).astype(np.int32), (r % nx).astype(np.int32)
-            yield {"fingerprint": blocks(i, m), "uid": make_uid(0, wy, wx), "source": np.zeros(m, np.int32),
-                   "wy": wy, "wx": wx, "x": wx * 256.0 + 128, "y": wy * 256.0 + 128,
-                   "lon": np.full(m, np.nan), "lat": np.full(m, np.nan)}
-
-    t0 = time.perf_counter()
-    with open_writer(path, s) as w:
-        w.append(entry, batches(), upper_bound=n)
+            fp = blocks(i, m)
+            cols = {"fingerprint": fp, "uid": make_uid(0, wy, wx), "source": np.zeros(m, np.int32),
+                    "wy": wy, "wx": wx, "x": wx * 256.0 + 128, "y": wy * 256.0 + 128,
+                    "lon": np.full(m, np.nan), "lat": np.full(m, np.nan), "norm2": np.einsum("ij,ij->i", fp, fp)}
+            for name, arr in w.arrays.items():
+                arr.with_config({"write_empty_chunks": True})[start : start + m] = cols[name]
+        w.commit([{**entry, "rows": [0, n], "tiles": n, "windows": n, "dropped": 0}], n)
+        w.finish()
     return open_store(path), time.perf_counter() - t0
 
 
@@ -156,10 +171,12 @@ def real_section(args: argparse.Namespace, client: Any) -> dict[str, Any]:
 
 
 def faiss_rows(x: np.ndarray, qs: np.ndarray, truth: np.ndarray, timing_q: Callable[[int], np.ndarray],
-               repeats: int, hnsw_max: int) -> dict[str, Any]:
+               repeats: int, hnsw_max: int, hnsw_budget_s: float = 1200.0) -> dict[str, Any]:
     """FAISS flat, IVF-PQ (64 B codes) + exact refine and HNSW, each at its cheapest setting with recall >= 0.95."""
     import faiss
 
+    # Builds on one OpenMP thread (two spin against each other on this shared 2-core
+    # machine: a 20,000-row IVF-PQ build took 535 s), searches on two (the cluster's cores).
     faiss.omp_set_num_threads(2)
     n, d = x.shape
     res: dict[str, Any] = {}
@@ -178,13 +195,15 @@ def faiss_rows(x: np.ndarray, qs: np.ndarray, truth: np.ndarray, timing_q: Calla
                 say(f"  {name}: {label}, recall {r:.3f}, {res[name]['s'] * 1e3:.1f} ms, build {build_s:.0f} s")
                 return
 
-    nlist = int(4 * np.sqrt(n))
+    nlist = int(np.sqrt(n))
     t0 = time.perf_counter()
+    faiss.omp_set_num_threads(1)
     ivf = faiss.index_factory(d, f"IVF{nlist},PQ64")
     refine = faiss.IndexRefineFlat(ivf)  # exact re-rank of k_factor * k PQ candidates
-    refine.train(x[np.random.default_rng(0).choice(n, min(n, 50 * nlist), replace=False)])
+    refine.train(x[np.random.default_rng(0).choice(n, min(n, max(40 * nlist, 10_000)), replace=False)])
     refine.add(x)
     b = time.perf_counter() - t0
+    faiss.omp_set_num_threads(2)
     ivfp = faiss.extract_index_ivf(ivf)
 
     def knob(nprobe: int, kf: int) -> Callable[[], None]:
@@ -194,13 +213,21 @@ def faiss_rows(x: np.ndarray, qs: np.ndarray, truth: np.ndarray, timing_q: Calla
         return f
 
     tune(refine, "faiss_ivfpq_refine", [(f"nprobe {p}, k_factor {f}", knob(p, f))
-                                        for p in (4, 8, 16, 32, 64) for f in (4, 16)], b, 64 + 8)
+                                        for p in (1, 2, 4, 8, 16, 32, 64) for f in (4, 16)], b, 64 + 8)
     refine.reset()
     if n <= hnsw_max:
         t0 = time.perf_counter()
+        faiss.omp_set_num_threads(1)
         h = faiss.IndexHNSWFlat(d, 32)
-        h.add(x)
+        for s0 in range(0, n, 100_000):
+            h.add(x[s0 : s0 + 100_000])
+            if time.perf_counter() - t0 > hnsw_budget_s and s0 + 100_000 < n:
+                res["faiss_hnsw"] = {"not_built": f"{s0 + 100_000:,} of {n:,} rows added in"
+                                                  f" {time.perf_counter() - t0:.0f} s (--hnsw-budget-s)"}
+                say(f"  faiss_hnsw: {res['faiss_hnsw']['not_built']}")
+                return res
         b = time.perf_counter() - t0
+        faiss.omp_set_num_threads(2)
 
         def ef(e: int) -> Callable[[], None]:
             def f() -> None:
@@ -212,14 +239,40 @@ def faiss_rows(x: np.ndarray, qs: np.ndarray, truth: np.ndarray, timing_q: Calla
     return res
 
 
+def kernel_timings(codes: np.ndarray, q: np.ndarray, m: int, repeats: int) -> dict[str, float]:
+    """One task's Hamming scan + top-m over ``codes`` (in memory): numpy vs FAISS kernels, seconds."""
+    import faiss
+
+    from dask_fp.codes import hamming_top_m
+
+    rows = np.arange(len(codes), dtype=np.int64)
+
+    def binary_flat(_i: int) -> None:
+        ix = faiss.IndexBinaryFlat(codes.shape[1] * 8)
+        ix.add(codes)
+        ix.search(q, m)
+
+    return {
+        "rows": len(codes), "m": m,
+        "numpy_bitwise_count_s": median_s(lambda i: hamming_top_m(codes, q, rows, m, use_faiss=False), repeats)[0],
+        "faiss_knn_hamming_s": median_s(lambda i: hamming_top_m(codes, q, rows, m), repeats)[0],
+        "faiss_IndexBinaryFlat_add_search_s": median_s(binary_flat, repeats)[0],
+    }
+
+
 def size_section(n: int, real512: np.ndarray, args: argparse.Namespace, client: Any) -> dict[str, Any]:
+    import os
+
+    from dask_fp.codes import encode
     from dask_fp.index import IndexOptions, build_index, code_search, default_candidates, open_index
     from dask_fp.scan import knn
 
     gen = cd.Synthetic(real512, sigma=args.sigma, seed=n)
-    out: dict[str, Any] = {"rows": n, "dim": DIM}
-    st, out["store_write_s"] = write_store(args.workdir / f"syn-{n}.zarr", gen.block, n, DIM)
-    say(f"{n:,} rows: store written in {out['store_write_s']:.0f} s")
+    out: dict[str, Any] = {"rows": n, "dim": DIM, "load_avg_start": os.getloadavg()}
+    st, out["store_write_s"] = write_store(args.workdir / f"syn-{n}.zarr", gen.block, n, DIM, reuse=args.reuse,
+                                           tag=f"sigma{args.sigma}")
+    say(f"{n:,} rows: store {'reused' if out['store_write_s'] is None else 'written'}"
+        f" ({out['store_write_s'] or 0:.0f} s)")
     info = build_index(st.path, IndexOptions(nbits=512), client=client)
     out["index_build_s"], out["code_bytes_per_tile"] = info["seconds"], info["nbits"] // 8
     say(f"  index: {info['seconds']:.0f} s, {info['nbits'] // 8} B/tile")
@@ -235,33 +288,62 @@ def size_section(n: int, real512: np.ndarray, args: argparse.Namespace, client: 
         n2 = np.einsum("ij,ij->i", x, x)
         truth = numpy_knn(x, n2, qs, K)
         out["numpy_s"] = median_s(lambda i: numpy_knn(x, n2, fresh(i), K), args.repeats)[0]
+        say(f"  numpy brute force {out['numpy_s'] * 1e3:.1f} ms")
     else:
+        out["numpy_s"] = None
+        out["note_numpy"] = (f"{n * DIM * 4 / 2**30:.1f} GiB matrix not held in one process"
+                             f" (--matrix-max-bytes {args.matrix_max_bytes:.0f}): no numpy, FAISS or HNSW rows")
         _, truth = knn(st.fingerprints(), st.norm2(), qs, K)
     idx = open_index(st)
-    cand = default_candidates(K, n)
-    out["candidates"] = cand
-    out["codes_recall"] = {c: recall(truth, code_search(st, qs, K, index=idx, candidates=c)[1])
-                           for c in (100, 300, 1000, 3000)}
+    idx.persist()
+    kcodes = np.asarray(idx.codes_array[: min(n, 1 << 20)])
+    out["kernel"] = kernel_timings(kcodes, encode(fresh(0), idx.params), 1000, args.repeats)
+    say(f"  kernel (one task): {out['kernel']}")
+    out["default_candidates"] = default_candidates(K, n)
+    sweep = sorted({100, 300, 1000, 3000, 10000, out["default_candidates"]})
+    out["codes_recall"] = {c: recall(truth, code_search(st, qs, K, index=idx, candidates=c)[1]) for c in sweep}
     say(f"  codes recall@10 by candidates: {out['codes_recall']}")
+    # Timed at the fewest candidates reaching recall >= 0.95, as FAISS's knobs are tuned below.
+    ok = [c for c in sweep if out["codes_recall"][c] >= 0.95]
+    cand = out["candidates"] = min(ok) if ok else max(sweep)
+    out["codes_recall_timed"] = out["codes_recall"][cand]
+    out["codes_mem_fp_stream_s"] = median_s(lambda i: code_search(st, fresh(i), K, index=idx, candidates=cand),
+                                            args.repeats)[0]
+    say(f"  codes ({cand} candidates; codes in memory, fingerprints read from disk)"
+        f" {out['codes_mem_fp_stream_s'] * 1e3:.1f} ms")
     reps_slow = max(3, args.repeats // 5)
     out["exact_stream_s"] = median_s(lambda i: knn(st.fingerprints(), st.norm2(), fresh(i), K), reps_slow)[0]
     out["plain_loop_s"] = median_s(lambda i: plain_stream_knn(st, fresh(i), K), reps_slow)[0]
     say(f"  exact streamed {out['exact_stream_s']:.3f} s, plain loop {out['plain_loop_s']:.3f} s")
-    idx.persist()
-    out["codes_mem_fp_stream_s"] = median_s(lambda i: code_search(st, fresh(i), K, index=idx), args.repeats)[0]
     if n * DIM * 4 <= args.cluster_bytes * 0.6:
         st.persist()
         out["exact_persisted_s"] = median_s(lambda i: knn(st.fingerprints(), st.norm2(), fresh(i), K), args.repeats)[0]
-        out["codes_persisted_s"] = median_s(lambda i: code_search(st, fresh(i), K, index=idx), args.repeats)[0]
         st._persisted = None
     else:
-        out["exact_persisted_s"] = out["codes_persisted_s"] = None
-        out["note"] = f"{n * DIM * 4 / 2**30:.1f} GiB of fingerprints exceed the cluster memory limit"
-    say(f"  codes (codes in memory, fingerprints streamed) {out['codes_mem_fp_stream_s']:.3f} s;"
-        f" persisted: exact {out['exact_persisted_s']}, codes {out['codes_persisted_s']}")
+        out["exact_persisted_s"] = None
+        out["note"] = (f"{n * DIM * 4 / 2**30:.1f} GiB of fingerprints exceed the cluster memory limit"
+                       f" ({args.cluster_bytes / 2**30:.0f} GiB): exact search can only stream")
+    say(f"  exact persisted {out['exact_persisted_s']}")
+    idx._persisted = None
     if x is not None:
-        out.update(faiss_rows(x, qs, truth, fresh, args.repeats, args.hnsw_max))
+        out.update(faiss_rows(x, qs, truth, fresh, args.repeats, args.hnsw_max, args.hnsw_budget_s))
+    out["load_avg_end"] = os.getloadavg()
     return out
+
+
+def crossing(sizes: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Rows where code search (codes persisted) becomes faster than the exact scan (persisted), from
+    straight lines ``t = a + b·rows`` through the two smallest sizes that measured both."""
+    pts = [(s["rows"], s["exact_persisted_s"], s["codes_mem_fp_stream_s"]) for s in sizes
+           if s.get("exact_persisted_s") is not None]
+    if len(pts) < 2:
+        return None
+    (n0, e0, c0), (n1, e1, c1) = pts[:2]
+    be, bc = (e1 - e0) / (n1 - n0), (c1 - c0) / (n1 - n0)
+    ae, ac = e0 - be * n0, c0 - bc * n0
+    rows = (ac - ae) / (be - bc) if be != bc else float("inf")
+    return {"from_rows": [n0, n1], "exact_s_per_million": be * 1e6, "codes_s_per_million": bc * 1e6,
+            "exact_fixed_s": ae, "codes_fixed_s": ac, "crossing_rows": rows}
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -273,7 +355,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--memory-limit", default="4GiB", help="per worker (2 workers)")
     p.add_argument("--matrix-max-bytes", type=float, default=4e9, help="largest matrix held in this process")
     p.add_argument("--hnsw-max", type=int, default=1_000_000, help="largest size given an HNSW index")
+    p.add_argument("--hnsw-budget-s", type=float, default=1200.0, help="stop an HNSW build after this long")
     p.add_argument("--skip-real", action="store_true")
+    p.add_argument("--reuse", action="store_true", help="reuse synthetic stores of the same size and sigma")
     p.add_argument("--rotations", type=int, default=1, help="UC Merced images also at 90° rotations (1..4)")
     p.add_argument("--nbits", default="256,512,1024", help="code lengths tried on the real fingerprints")
     p.add_argument("--quick", action="store_true", help="tiny sizes, 3 repeats")
@@ -311,7 +395,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         results["sizes"] = []
         for n in args.sizes.split(","):
             results["sizes"].append(size_section(int(n), real512, args, client))
+            results["crossing"] = crossing(results["sizes"])
             path.write_text(json.dumps(results, indent=2, default=str))
+        say(f"crossing point: {results['crossing']}")
     print(json.dumps(results, indent=2, default=str))
     say(f"wrote {path}")
     return results

@@ -19,9 +19,10 @@ committed row (under the store's writer lock); :func:`extend_index` encodes
 the rows added since (``indexed..committed``) with the trained parameters.
 
 Query (:func:`code_search`): one ``dask.array.reduction`` over the codes keeps
-each query's ``candidates`` nearest codes (Hamming), merged in a tree like the
-exact scan; the candidates' full fingerprints are then read (only the chunks
-that hold them) and re-ranked with the exact distance of :mod:`.kernels`, so
+each query's ``candidates`` nearest codes (Hamming; FAISS's popcount kernel
+when installed), merged in a tree like the exact scan; the candidates' full
+fingerprints are then read row by row (:mod:`dask_fp.store.rows`: one
+``pread`` per row from an uncompressed store) and re-ranked with the exact distance of :mod:`.kernels`, so
 every returned distance is exact, and rows added after the index was built
 (``indexed..committed``) are scanned exactly and merged in. The answer can
 only differ from the exact scan by missing a neighbour whose code ranked
@@ -37,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from .codes import CodeParams, encode, hamming, train_itq
+from .codes import CodeParams, encode, hamming_top_m, train_itq
 from .errors import QueryError, StoreError
 from .kernels import chunk_distances, knn_merge, top_m
 from .scan import knn
@@ -47,11 +48,17 @@ from .store.schema import now
 INDEX_GROUP = "index"
 INDEX_VERSION = 1
 #: Stores with at least this many committed rows are searched with codes by default
-#: (``method="auto"``), when they have an index. Measured (bench/codes.py,
-#: docs/performance.md): at 45,000 rows the exact scan is faster, so small stores stay
-#: exact; sizes between 45,000 and 10M were not measured yet, so this threshold is the
-#: 10M goal of issue 14 halved, to be replaced by the crossing point the bench finds.
-AUTO_CODES_ROWS = 5_000_000
+#: (``method="auto"``), when they have an index: the crossing point that bench/codes.py
+#: computed from its 45,000 and 1M-row measurements (straight lines through the exact
+#: persisted scan's and code search's medians cross at 39,302 rows; code search was the
+#: faster at both sizes, with recall@10 >= 0.95), rounded up (docs/performance.md).
+AUTO_CODES_ROWS = 40_000
+
+
+#: Rows of codes scanned by one task (64 MiB of 512-bit codes). The FAISS Hamming
+#: kernel scans 1M codes in a few ms, so smaller tasks would cost more in scheduling
+#: than in scanning (bench/codes.py).
+CODE_TASK_ROWS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -77,8 +84,14 @@ class IndexOptions:
 
 
 def default_candidates(m: int, rows: int) -> int:
-    """Codes kept per query for the exact re-rank: ``max(100·m, 1000)`` (bench/codes.py)."""
-    return int(min(rows, max(100 * m, 1000)))
+    """Codes kept per query for the exact re-rank: ``max(100·m, 1000, rows / 1000)``.
+
+    The share of rows grows the list with the store: the denser the store, the
+    more codes tie or nearly tie with the true neighbours' (on vectors that follow
+    real fingerprints, 1,000 candidates recall 0.996 at 1M rows and 300 only
+    0.76; bench/codes.py, docs/performance.md). Each candidate costs one row read.
+    """
+    return int(min(rows, max(100 * m, 1000, -(-rows // 1000))))
 
 
 class Index:
@@ -118,12 +131,14 @@ class Index:
         self._persisted: Any = None
 
     def codes(self) -> Any:
-        """Codes of the indexed rows as a dask array, in the store's query-task rows."""
+        """Codes of the indexed rows as a dask array, :data:`CODE_TASK_ROWS` rows (whole Zarr chunks) per task."""
         if self._persisted is not None:
             return self._persisted
         import dask.array as da
 
-        return da.from_zarr(self.codes_array, chunks=(self.store.task_rows, -1))[: self.indexed]
+        c = int(self.codes_array.chunks[0])
+        rows = max(c, CODE_TASK_ROWS // c * c)
+        return da.from_zarr(self.codes_array, chunks=(rows, -1))[: self.indexed]
 
     def persist(self) -> Index:
         """Keep the codes in (cluster) memory."""
@@ -280,7 +295,7 @@ def hamming_chunk(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Chunk step: a block ``(codes, rows)`` → each query's ``m`` nearest codes (Hamming, then row)."""
     codes, rows = block
-    return top_m(hamming(codes, qcodes), rows, m)
+    return hamming_top_m(codes, qcodes, rows, m)
 
 
 def code_candidates(codes: Any, qcodes: np.ndarray, m: int, *, split_every: int | None = None) -> np.ndarray:
@@ -301,15 +316,20 @@ def code_candidates(codes: Any, qcodes: np.ndarray, m: int, *, split_every: int 
 
 
 def rerank(store: Store, queries: np.ndarray, cand: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact ``m`` best of each query's candidate rows, reading only the chunks that hold them."""
-    import dask
+    """Exact ``m`` best of each query's candidate rows, reading only the candidates' fingerprints.
 
+    The rows are read by :meth:`Store.read` (one ``pread`` per row from an
+    uncompressed store, see :mod:`dask_fp.store.rows`); their squared norms are
+    computed from them as the writer computes the stored ``norm2`` (float32
+    ``einsum``), so every distance equals the exact scan's.
+    """
     q = np.ascontiguousarray(queries, dtype=np.float32)
     flat = np.unique(cand)
     if flat.size == 0:
         return np.empty((len(q), 0), np.float32), np.empty((len(q), 0), np.int64)
-    x, n2 = dask.compute(store.fingerprints()[flat], store.norm2()[flat])
-    d = chunk_distances(np.asarray(x), np.asarray(n2), q, np.einsum("ij,ij->i", q, q))  # (q, |flat|)
+    x = store.read("fingerprint", flat).astype(np.float32, copy=False)
+    n2 = np.einsum("ij,ij->i", x, x)
+    d = chunk_distances(x, n2, q, np.einsum("ij,ij->i", q, q))  # (q, |flat|)
     pos = np.searchsorted(flat, cand)
     dist = np.take_along_axis(d, pos, axis=1)
     return top_m(dist, cand, m)

@@ -87,3 +87,23 @@ def test_hamming_ranking_finds_true_neighbours_on_structured_data():
 def test_bad_nbits_is_a_query_error(nbits):
     with pytest.raises(QueryError, match="nbits"):
         train_itq(np.ones((10, 128), np.float32), nbits)
+
+
+@pytest.mark.parametrize("n,m", [(5000, 100), (3000, 1), (50, 80)])
+def test_faiss_and_numpy_hamming_top_m_agree(n, m):
+    pytest.importorskip("faiss")
+    from dask_fp.codes import hamming_top_m
+
+    rng = np.random.default_rng(n)
+    codes = rng.integers(0, 256, (n, 16), dtype=np.uint8)
+    q = rng.integers(0, 256, (3, 16), dtype=np.uint8)
+    rows = np.arange(n, dtype=np.int64) * 3 + 7
+    fd, fr = hamming_top_m(codes, q, rows, m)
+    nd, nr = hamming_top_m(codes, q, rows, m, use_faiss=False)
+    oracle = np.sort(np.unpackbits(codes[None] ^ q[:, None], axis=2).sum(axis=2), axis=1)[:, :m]
+    np.testing.assert_array_equal(fd, oracle)
+    np.testing.assert_array_equal(nd, oracle)
+    for i in range(len(q)):  # rows can differ only among codes tied at the m-th distance
+        below = fd[i] < fd[i, -1]
+        assert set(fr[i, below]) == set(nr[i, below])
+        assert (np.diff(fd[i]) >= 0).all() and len(set(fr[i])) == len(fr[i])

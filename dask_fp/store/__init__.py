@@ -24,7 +24,8 @@ time holds ``writer.lock``.
 
 Modules: :mod:`.schema` (names, types, settings), :mod:`.sources` (the
 sources table), :mod:`.lock` (the single-writer lock), :mod:`.reader`
-(:class:`Store`), :mod:`.writer` (append and commit), :mod:`.testhook` (the
+(:class:`Store`), :mod:`.rows` (reading scattered rows: one ``pread`` per
+fingerprint row, as ``fingerprint`` is stored uncompressed), :mod:`.writer` (append and commit), :mod:`.testhook` (the
 crash tests' pause points, inert unless set).
 """
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from ..errors import StoreError
 from .chunks import ChunkFiles, check_all, checked_block, damage_error, require, sampled_bytes
+from .rows import read_rows as read_array_rows
 from .schema import COORD_DTYPES, COORDS, QUERY_TASK_CHUNKS, SETTING_KEYS, open_arrays, open_group
 from .sources import read_rows, read_sources
 
@@ -105,7 +106,7 @@ class Store:
             arr = self.arrays[name]
             return np.empty((0, *arr.shape[1:]), dtype=arr.dtype)
         require(self.path, [f], lambda g: g.indices_of_rows(idx), self.committed, lambda: self.sources)
-        return np.asarray(self.arrays[name].get_orthogonal_selection(idx))
+        return read_array_rows(self.arrays[name], f, idx)
 
     @property
     def dim(self) -> int:

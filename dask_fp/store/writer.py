@@ -80,14 +80,13 @@ class StoreWriter:
             warnings.simplefilter("ignore")  # the lock file is not a Zarr node
             have = set(self.group.array_keys())
         if "fingerprint" not in have:
-            from zarr.codecs import BloscCodec
-
-            # blosc-lz4 with byte shuffle: reads faster than zstd or no compression and
-            # still saves ~10 % (bench/ingest.py section 5, docs/performance.md).
+            # Uncompressed: a row is one ``pread`` at a known offset of its chunk file, so
+            # the exact re-rank of code-search candidates reads ~2 KB per candidate instead
+            # of decoding a 16 MiB chunk (``store/rows.py``; bench/rowread.py). blosc-lz4
+            # saved ~10 % of the disk on real fingerprints; stores made with it still read.
             self.group.create_array(
                 "fingerprint", shape=(0, s.feature_dim), chunks=(rows, s.feature_dim), dtype=s.dtype,
-                compressors=[BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")],
-                dimension_names=("tile", "feature"), fill_value=0,
+                compressors=None, dimension_names=("tile", "feature"), fill_value=0,
                 attributes={"coordinates": " ".join(COORDS), "long_name": f"{s.model} fingerprint"},
             )
         for name in COORDS:

@@ -1,0 +1,119 @@
+"""Reading a few rows of a row-chunked array without decoding whole chunks.
+
+Exact re-rank after a compact-code scan (:mod:`dask_fp.index`) needs the full
+fingerprints of ~1,000 candidate rows scattered over the whole store. Through
+Zarr, each candidate costs the decode of the whole chunk file holding it
+(16 MiB for 512-d float32); 1,000 candidates over a 1M-row store decode most
+of it. Stores created by dask-fp 0.x since issue 14 keep ``fingerprint``
+uncompressed (the only codec is ``bytes``, little-endian; blosc-lz4 saved
+~10 % of the disk on real fingerprints), so a chunk file is the rows in C order and row ``r`` is
+``bytes_per_row`` bytes at offset ``(r mod rows) · bytes_per_row`` of file
+``r // rows``: one ``pread`` per row. Arrays with compression (older stores)
+are read through Zarr, one chunk at a time, as before: still correct, slower.
+
+Measured in ``bench/rowread.py`` (docs/performance.md, section "Compact-code search").
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import StoreError
+from .chunks import ChunkFiles
+
+#: Threads reading chunk files at once (``pread`` releases the GIL; more requests in
+#: flight hide the latency of a disk that the page cache does not cover).
+READ_THREADS = 8
+
+
+@dataclass(frozen=True)
+class RawLayout:
+    """Where a row lies in the chunk files of an uncompressed, unsharded row-chunked array."""
+
+    rows: int  # rows per chunk file
+    row_bytes: int
+    dtype: str  # numpy dtype string, little-endian
+    tail: tuple[int, ...]  # shape of one row
+
+
+def raw_layout(arr: Any) -> RawLayout | None:
+    """The :class:`RawLayout` of Zarr v3 array ``arr``, or None when its chunk files are not plain rows.
+
+    Plain rows: one ``bytes`` codec (no compressor, no filter, no sharding) and
+    one chunk across every axis but the first.
+    """
+    try:
+        codecs = arr.metadata.codecs
+    except AttributeError:  # Zarr v2 metadata
+        return None
+    if getattr(arr, "shards", None) is not None or len(codecs) != 1 or type(codecs[0]).__name__ != "BytesCodec":
+        return None
+    if tuple(arr.chunks[1:]) != tuple(arr.shape[1:]):
+        return None
+    endian = getattr(codecs[0], "endian", None)
+    dt = np.dtype(arr.dtype)
+    if dt.itemsize > 1 and getattr(endian, "value", endian) != "little":
+        return None
+    tail = tuple(int(s) for s in arr.shape[1:])
+    return RawLayout(int(arr.chunks[0]), int(dt.itemsize * int(np.prod(tail, dtype=np.int64))),
+                     dt.newbyteorder("<").str, tail)
+
+
+def read_rows(arr: Any, files: ChunkFiles, rows: np.ndarray) -> np.ndarray:
+    """Rows ``rows`` (any order, repeats allowed, all < the array's length) of ``arr``.
+
+    Direct ``pread`` of each row when the array has a :func:`raw_layout`;
+    otherwise Zarr's orthogonal selection (which decodes each chunk that holds some). The caller
+    checks the range and that the chunk files exist (:meth:`Store.read`); a
+    file that is shorter than its rows here is a "damaged store" error.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    lay = raw_layout(arr)
+    uniq, inv = np.unique(rows, return_inverse=True)
+    if lay is None:  # Zarr decodes every chunk that holds one of them
+        return np.asarray(arr.get_orthogonal_selection(rows))
+    return _read_raw(files, lay, uniq)[inv.reshape(rows.shape)]
+
+
+def _read_raw(files: ChunkFiles, lay: RawLayout, uniq: np.ndarray) -> np.ndarray:
+    out = np.empty((len(uniq), *lay.tail), dtype=lay.dtype)
+    flat = out.reshape(len(uniq), -1).view(np.uint8).reshape(len(uniq), lay.row_bytes)
+    which = uniq // lay.rows
+    bounds = np.flatnonzero(np.diff(which)) + 1
+    parts = [p for p in np.split(np.arange(len(uniq)), bounds) if len(p)]
+
+    def one_file(part: np.ndarray) -> None:
+        chunk = int(which[part[0]])
+        key = files.key(chunk, files.tails[0])
+        path = os.path.join(files.root, key)
+        local = uniq[part] - chunk * lay.rows
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            # Runs of consecutive rows are one read each.
+            starts = np.flatnonzero(np.diff(local, prepend=-2) != 1)
+            ends = np.append(starts[1:], len(local))
+            for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
+                want = (e - s) * lay.row_bytes
+                buf = os.pread(fd, want, int(local[s]) * lay.row_bytes)
+                if len(buf) != want:
+                    raise StoreError(
+                        f"{files.root}: chunk file {key} is shorter than its rows ({len(buf)} of {want} bytes at"
+                        f" row {int(uniq[part[s]])}); the store is damaged. Restore it from a backup, or ingest"
+                        " the sources again into a new store."
+                    )
+                flat[part[s] : part[e - 1] + 1] = np.frombuffer(buf, np.uint8).reshape(e - s, lay.row_bytes)
+        finally:
+            os.close(fd)
+
+    if len(parts) <= 2:
+        for p in parts:
+            one_file(p)
+    else:
+        with ThreadPoolExecutor(min(READ_THREADS, len(parts))) as pool:
+            list(pool.map(one_file, parts))
+    return out
