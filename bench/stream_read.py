@@ -3,7 +3,7 @@
 1. Page faults: the Zarr chunks of a store read one after the other in a
    worker-like thread, in fresh processes started with Dask's nanny environment
    (``MALLOC_TRIM_THRESHOLD_=65536``), without and with
-   :func:`dask_fp.stream.keep_buffers`, and with glibc's defaults.
+   :func:`dask_fp.malloc.keep_buffers`, and with glibc's defaults.
 2. Threads: a store scanned as row blocks of 8 Zarr chunks by 1 and 2 threads,
    each block read whole (one multi-chunk Zarr read, as ``Store.fingerprints()``
    did) or a chunk at a time (as :func:`dask_fp.scan.stream_knn` does).
@@ -35,8 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def read_in_thread(path: str, rows: int, tune: bool, repeats: int) -> dict[str, float]:
     """Read the first ``rows`` rows chunk by chunk in a new thread, ``repeats`` times: median ms, faults."""
+    from dask_fp.malloc import keep_buffers
     from dask_fp.store import open_store
-    from dask_fp.stream import keep_buffers
 
     st = open_store(path)
     fp = st.arrays["fingerprint"]
@@ -79,8 +79,8 @@ def section_threads(args: argparse.Namespace) -> None:
     import numpy as np
 
     from dask_fp.kernels import knn_chunk, knn_merge
+    from dask_fp.malloc import keep_buffers
     from dask_fp.store import open_store
-    from dask_fp.stream import keep_buffers
 
     keep_buffers()
     st = open_store(args.store)

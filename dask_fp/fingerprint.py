@@ -31,6 +31,7 @@ import dask
 import numpy as np
 from dask.delayed import Delayed
 
+from .malloc import keep_buffers
 from .models import ModelOptions, ResolvedWeights, get_spec, load_model
 from .raster import RasterSpec, limit_gdal_cache, to_rgb_and_empty
 from .tiling import Tiling, grid_shape, owned_windows, window_empty_fraction
@@ -116,6 +117,7 @@ def read_and_fingerprint(
     weights: ResolvedWeights,
 ) -> BlockResult:
     """The block task: :func:`read_block` (with its halo), then :func:`block_kernel`."""
+    keep_buffers()
     limit_gdal_cache()
     return block_kernel(read_block(spec, rows, cols), plan, spec, tiling, model, weights)
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .kernels import knn_merge
+from .malloc import keep_buffers
 from .store.chunks import ChunkFiles, damage_error
 
 if TYPE_CHECKING:
@@ -29,35 +30,6 @@ STREAM_READ_BYTES = 16 << 20
 #: Tasks per query row block (:attr:`~dask_fp.store.Store.task_rows`) of a streamed scan: so
 #: that a store of one or two blocks still keeps both threads of a worker busy.
 STREAM_TASK_SPLIT = 2
-#: glibc ``mallopt`` parameters and the values :func:`keep_buffers` sets: mmap threshold 32 MiB
-#: (the largest glibc allows), 64 MiB of padding kept at the top of each heap.
-MALLOC_SETTINGS = ((-3, 32 << 20), (-2, 64 << 20))  # M_MMAP_THRESHOLD, M_TOP_PAD
-_malloc_tuned: list[bool] = []  # per process: whether keep_buffers ran here
-
-
-def keep_buffers() -> None:
-    """Let this process reuse freed read buffers instead of mapping fresh zeroed pages for each.
-
-    Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which also
-    pins glibc's mmap threshold at 128 KiB: every 16 MiB buffer of a Zarr read
-    (file bytes, decompressed chunk) is then a new ``mmap`` whose 4,096 pages
-    fault and are zeroed on first touch, and is unmapped when freed. Raising
-    the mmap threshold and the heap's top padding (:data:`MALLOC_SETTINGS`)
-    keeps those buffers in the heap for the next read; the trim threshold stays,
-    so memory beyond the padding still goes back to the OS. Runs once per
-    process, in its first streamed scan task; a no-op where glibc is not the allocator.
-    """
-    if _malloc_tuned:
-        return
-    _malloc_tuned.append(True)
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        for param, value in MALLOC_SETTINGS:
-            libc.mallopt(param, value)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 @dataclass(frozen=True)
