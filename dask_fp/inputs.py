@@ -49,6 +49,12 @@ def remote_error(p: str, reason: str) -> str:
         return (f"{url}: cannot read it over HTTP ({reason}). Check that the URL is right, that the"
                 " server answers from this machine and from every Dask worker, and that it supports"
                 " range requests (a Cloud-Optimized GeoTIFF is read in pieces).")
+    if p.startswith("/vsis3/"):
+        from .s3 import s3_diagnosis
+
+        why = s3_diagnosis(p)  # GDAL's "does not exist" covers a missing bucket, key, or credentials alike
+        if why is not None:
+            return f"{why} (GDAL: {reason})"
     return (f"{p}: GDAL cannot read it ({reason}). Check the path, that it is reachable from this"
             " machine and from every Dask worker, and the settings GDAL uses for it (for /vsis3/:"
             " AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE, AWS_REGION, AWS_S3_ENDPOINT with"

@@ -101,8 +101,11 @@ def split_vsis3(p: str) -> tuple[str, str]:
     return bucket, key
 
 
-def s3_client(settings: S3Settings) -> Any:
-    """A boto3 S3 client for ``settings`` (credentials from boto3's usual chain: the AWS_* variables first)."""
+def s3_client(settings: S3Settings, *, attempts: int = 3) -> Any:
+    """A boto3 S3 client for ``settings`` (credentials from boto3's usual chain: the AWS_* variables first).
+
+    ``attempts``: tries per request (connection errors, throttling, 5xx).
+    """
     try:
         import boto3
         from botocore import UNSIGNED
@@ -114,7 +117,7 @@ def s3_client(settings: S3Settings) -> Any:
         region_name=settings.region,
         s3={"addressing_style": "path" if settings.path_style else "auto"},
         signature_version=UNSIGNED if settings.unsigned else None,
-        retries={"max_attempts": 3, "mode": "standard"},
+        retries={"max_attempts": attempts, "mode": "standard"},
         connect_timeout=20,
         read_timeout=60,
     )
@@ -147,6 +150,43 @@ def s3_error(p: str, settings: S3Settings, e: Exception) -> RasterError:
     return RasterError(f"{p}: reading it from {where} failed ({type(e).__name__}: {e}). " + _CHECK)
 
 
+def s3_diagnosis(p: str) -> str | None:
+    """Why S3 refuses ``p``, as :func:`s3_error` words it, or None when it can be read (or boto3 is missing).
+
+    GDAL says only "does not exist in the file system" for a missing bucket, a
+    missing key, a refused signature or an unreachable endpoint alike; one
+    ``HEAD`` request tells them apart. Used on the error path of an input GDAL
+    could not open.
+    """
+    try:
+        bucket, key = split_vsis3(p)
+    except RasterError as e:
+        return str(e)
+    settings = s3_settings()
+    try:
+        client = s3_client(settings, attempts=1)  # an error path already: do not wait on retries
+    except RasterError:
+        return None
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        client.head_object(Bucket=bucket, Key=key)
+    except ClientError as e:
+        if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+            try:  # HEAD carries no error code: is it the bucket or the key?
+                client.head_bucket(Bucket=bucket)
+            except ClientError as eb:
+                if eb.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                    eb.response.setdefault("Error", {})["Code"] = "NoSuchBucket"
+                    return str(s3_error(p, settings, eb))
+            except (BotoCoreError, OSError):
+                pass
+        return str(s3_error(p, settings, e))
+    except (BotoCoreError, OSError) as e:
+        return str(s3_error(p, settings, e))
+    return None
+
+
 def s3_sha256(p: str, *, block: int = 1 << 22, settings: S3Settings | None = None) -> str:
     """sha256 of the bytes of the S3 object at ``p`` (``/vsis3/bucket/key``), streamed once.
 
@@ -177,4 +217,4 @@ def s3_sha256(p: str, *, block: int = 1 << 22, settings: S3Settings | None = Non
     return h.hexdigest()
 
 
-__all__ = ["S3Settings", "s3_client", "s3_error", "s3_settings", "s3_sha256", "split_vsis3"]
+__all__ = ["S3Settings", "s3_client", "s3_diagnosis", "s3_error", "s3_settings", "s3_sha256", "split_vsis3"]

@@ -111,9 +111,12 @@ def test_s3_errors_name_the_object_and_what_to_check(s3, monkeypatch, tmp_path):
     unreachable = S3Settings(f"http://127.0.0.1:{port}", "us-east-1", True, False)
     with pytest.raises(RasterError, match=rf"cannot reach the S3 endpoint http://127\.0\.0\.1:{port}.*AWS_S3_ENDPOINT"):
         s3_sha256(f"/vsis3/{BUCKET}/a.tif", settings=unreachable)
-    # Through GDAL (what ingest's checks meet first): the path and the variables to check.
-    with pytest.raises(RasterError, match=rf"^/vsis3/{BUCKET}/nothing\.tif: GDAL cannot read it .*AWS_S3_ENDPOINT"):
+    # Through GDAL (what ingest's checks meet first): GDAL's "does not exist" made specific by S3's answer.
+    with pytest.raises(RasterError, match=rf"^/vsis3/{BUCKET}/nothing\.tif: no object 'nothing\.tif' in bucket"
+                                          r".*\(GDAL: .*does not exist"):
         inspect_raster(f"s3://{BUCKET}/nothing.tif")
+    with pytest.raises(RasterError, match=r"^/vsis3/no-such-bucket/a\.tif: no bucket 'no-such-bucket' at .*\(GDAL:"):
+        inspect_raster("/vsis3/no-such-bucket/a.tif")
     # No credentials anywhere (no variables, no ~/.aws files, no instance metadata).
     private = upload(write_cog(tmp_path / "c.tif", 64, 64), "c.tif")
     public = upload(tmp_path / "c.tif", "public/c.tif", acl="public-read")
@@ -160,6 +163,6 @@ def test_cli_missing_s3_object_is_one_line_and_no_store(s3, s3_cluster, tmp_path
                              "--scheduler", s3_cluster.scheduler.address], capfd)
     errors = [ln for ln in err.splitlines() if ln.startswith("dask-fp: error:")]
     assert rc == 1, err
-    assert len(errors) == 1 and errors[0].startswith(f"dask-fp: error: /vsis3/{BUCKET}/missing.tif: "), err
-    print(errors[0])
+    assert len(errors) == 1 and errors[0].startswith(
+        f"dask-fp: error: /vsis3/{BUCKET}/missing.tif: no object 'missing.tif' in bucket '{BUCKET}'"), err
     assert "Traceback" not in err and not store.exists()
