@@ -7,8 +7,9 @@ the same endpoint with the same credentials, read from the environment
 variables GDAL reads (:func:`s3_settings`):
 
 ``AWS_S3_ENDPOINT``
-    host[:port] of the S3 service (default AWS); an ``http://`` or
-    ``https://`` prefix is used as given.
+    host[:port] of the S3 service (default AWS), without a scheme: GDAL 3.10
+    takes the scheme from ``AWS_HTTPS`` and fails to resolve a host written
+    ``http://…`` (the hash here would use such a prefix as given).
 ``AWS_HTTPS``
     ``NO`` for plain HTTP to that endpoint (default ``YES``).
 ``AWS_VIRTUAL_HOSTING``

@@ -19,6 +19,7 @@ from test_remote import RANDOM, TILING, write_cog
 
 import dask_fp
 from dask_fp.errors import RasterError
+from dask_fp.inputs import file_sha256
 from dask_fp.raster import inspect_raster
 from dask_fp.s3 import S3Settings, s3_client, s3_settings, s3_sha256, split_vsis3
 
@@ -84,6 +85,9 @@ def test_settings_follow_gdal_variables():
     for bad in ("/vsis3/b", "/vsis3/b/", "/vsis3//k.tif", "/vsis3/b/dir/"):
         with pytest.raises(RasterError, match="expected /vsis3/BUCKET/KEY"):
             split_vsis3(bad)
+    # Other object stores are still refused, by name, before any request.
+    with pytest.raises(RasterError, match=r"^/vsigs/b/k\.tif: hashing inputs on this virtual file system is not"):
+        file_sha256("gs://b/k.tif")
 
 
 def test_hash_and_pixels_from_s3_equal_the_local_file(s3, tmp_path):
