@@ -89,7 +89,12 @@ def ingest(
     Parameters
     ----------
     paths : sequence of str
-        GeoTIFF / COG files (anything GDAL reads).
+        GeoTIFF / COG files (anything GDAL reads): local paths, ``http(s)://``
+        URLs (read through ``/vsicurl/`` with range requests) and S3 objects
+        (``s3://bucket/key`` or ``/vsis3/bucket/key``: GDAL reads the pixels,
+        boto3 streams the bytes for the content hash, both from the endpoint
+        and with the credentials of the ``AWS_*`` environment variables GDAL
+        reads, see :mod:`dask_fp.s3`; every worker needs them too).
     store : str
         Store directory.
     model, tiling, raster : options

@@ -3,7 +3,8 @@
 ``http(s)://`` URLs become ``/vsicurl/`` paths (GDAL reads a Cloud-Optimized
 GeoTIFF with range requests), ``s3://`` ``/vsis3/`` and ``gs://`` ``/vsigs/``;
 ``/vsi…`` paths are used as they are. :func:`file_sha256` is the content hash
-the "same file is a no-op" rule relies on; ingest runs it on the workers.
+the "same file is a no-op" rule relies on; ingest runs it on the workers
+(S3 objects are hashed with boto3: :mod:`dask_fp.s3`).
 """
 
 from __future__ import annotations
@@ -48,23 +49,36 @@ def remote_error(p: str, reason: str) -> str:
         return (f"{url}: cannot read it over HTTP ({reason}). Check that the URL is right, that the"
                 " server answers from this machine and from every Dask worker, and that it supports"
                 " range requests (a Cloud-Optimized GeoTIFF is read in pieces).")
+    if p.startswith("/vsis3/"):
+        from .s3 import s3_diagnosis
+
+        why = s3_diagnosis(p)  # GDAL's "does not exist" covers a missing bucket, key, or credentials alike
+        if why is not None:
+            return f"{why} (GDAL: {reason})"
     return (f"{p}: GDAL cannot read it ({reason}). Check the path, that it is reachable from this"
-            " machine and from every Dask worker, and the credentials GDAL uses for it (for /vsis3/:"
-            " AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE, AWS_REGION; AWS_NO_SIGN_REQUEST=YES"
+            " machine and from every Dask worker, and the settings GDAL uses for it (for /vsis3/:"
+            " AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE, AWS_REGION, AWS_S3_ENDPOINT with"
+            " AWS_HTTPS=NO and AWS_VIRTUAL_HOSTING=FALSE for a self-hosted http server; AWS_NO_SIGN_REQUEST=YES"
             " for a public bucket).")
 
 
 def remote_sha256(p: str, *, block: int = 1 << 22) -> str:
-    """sha256 of a remote input's bytes, streamed once with urllib (the same hash as of a local copy).
+    """sha256 of a remote input's bytes, streamed once (the same hash as of a local copy).
 
-    Only HTTP(S) inputs (``/vsicurl/``); other GDAL virtual file systems
-    (``/vsis3/``, ``/vsigs/``, ...) are refused with a clear error for now.
+    HTTP(S) inputs (``/vsicurl/``) are read with urllib; S3 objects
+    (``/vsis3/``) with boto3, from the endpoint and with the credentials GDAL
+    uses (:func:`dask_fp.s3.s3_sha256`). Other GDAL virtual file systems
+    (``/vsigs/``, ...) are refused with a clear error for now.
     """
+    if p.startswith("/vsis3/"):
+        from .s3 import s3_sha256
+
+        return s3_sha256(p, block=block)
     url = _http_url(p)
     if url is None or "/vsi" in url:
         raise RasterError(
-            f"{p}: hashing inputs on this virtual file system is not supported yet (only http(s)"
-            " URLs and local files); copy the file locally or serve it over HTTP(S)."
+            f"{p}: hashing inputs on this virtual file system is not supported yet (only http(s) URLs,"
+            " /vsis3/ (s3://) objects and local files); copy the file locally or serve it over HTTP(S)."
         )
     import urllib.error
     import urllib.request
