@@ -27,6 +27,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -73,6 +74,32 @@ def _cpu_seconds(client) -> float:
     return own + sum(client.run(lambda: sum(__import__("psutil").Process().cpu_times()[:2])).values())
 
 
+def alternating_runs(files: list[Path], clients: dict[Any, Any], run: Callable[[Path, Any, Any], int],
+                     *, cpu: bool = False) -> tuple[dict[Any, list[float]], dict[Any, list[float]], int]:
+    """Time the peer (``run(f, "peer", None)``) and each of ``clients`` (``run(f, name, client)``) on
+    every file, the order reversed on every other file; all must keep the same number of windows.
+
+    Returns tiles/s and (with ``cpu``) tiles per CPU second of every process involved, per name,
+    and the tiles of the last file.
+    """
+    rates: dict[Any, list[float]] = {n: [] for n in ["peer", *clients]}
+    per_cpu: dict[Any, list[float]] = {n: [] for n in rates}
+    n = 0
+    for r, f in enumerate(files):
+        runs = [("peer", None), *clients.items()]
+        kept = set()
+        for name, client in (runs if r % 2 == 0 else runs[::-1]):
+            c0 = _cpu_seconds(client) if cpu else 0.0
+            t0 = time.perf_counter()
+            n = run(f, name, client)
+            rates[name].append(n / (time.perf_counter() - t0))
+            if cpu:
+                per_cpu[name].append(n / (_cpu_seconds(client) - c0))
+            kept.add(n)
+        assert len(kept) == 1, f"{f}: the pipelines kept different numbers of windows {kept}"
+    return rates, per_cpu, n
+
+
 def _fixed_cost(client, work: Path, ingest: Callable, pix: np.ndarray, write_mosaic: Callable) -> float:
     """Seconds of one ingest of a one-window raster (the per-call cost the tiles/s include)."""
     tiny = write_mosaic(pix, 256, work / "tiny-256.tif")
@@ -91,37 +118,23 @@ def section_ceiling(pix: np.ndarray, work: Path, size: int, repeats: int, thread
           f" ({size} px, {threads} cores; load average {os.getloadavg()[0]:.1f} at start)\n")
     files = [write_mosaic(pix[:, 7 * r:, 5 * r:], size, work / f"ceiling-{size}-{r}.tif") for r in range(repeats + 1)]
     configs = [(1, 1), (1, threads), (threads, 1)] if threads > 1 else [(1, 1)]
-    peer: list[float] = []
-    ours: dict[tuple[int, int], list[float]] = {c: [] for c in configs}
-    cpu: dict[object, list[float]] = {c: [] for c in ["peer", *configs]}  # tiles per CPU second
     fixed: dict[tuple[int, int], float] = {}
-    counts: dict[int, set[int]] = {}
-    n_peer = 0
     clusters = {c: cluster(*c) for c in configs}
     try:
         for c, (_, client) in clusters.items():  # warm-up: imports, store code paths, GDAL on each worker
             ingest(client, files[0], work / "ceiling-warm.zarr", LAYOUT, 2048)
             fixed[c] = _fixed_cost(client, work, ingest, pix, write_mosaic)
         rasterio_windows(files[0], LAYOUT, tiling)
-        for r, f in enumerate(files[1:]):
-            runs = [("peer", None), *((c, clusters[c][1]) for c in configs)]
-            for name, client in (runs if r % 2 == 0 else runs[::-1]):
-                c0, t0 = _cpu_seconds(client), time.perf_counter()
-                n = (rasterio_windows(f, LAYOUT, tiling) if client is None
-                     else ingest(client, f, work / "ceiling.zarr", LAYOUT, 2048))
-                dt = time.perf_counter() - t0
-                cpu[name].append(n / (_cpu_seconds(client) - c0))
-                counts.setdefault(r, set()).add(n)
-                if client is None:
-                    peer.append(n / dt)
-                    n_peer = n
-                else:
-                    ours[name].append(n / dt)  # type: ignore[index]
-            assert len(counts[r]) == 1, f"{f}: the pipelines kept different numbers of windows {counts[r]}"
+        ours, cpu, n_peer = alternating_runs(
+            files[1:], {c: clusters[c][1] for c in configs},
+            lambda f, name, client: (rasterio_windows(f, LAYOUT, tiling) if client is None
+                                     else ingest(client, f, work / "ceiling.zarr", LAYOUT, 2048)),
+            cpu=True)
     finally:
         for lc, client in clusters.values():
             client.close()
             lc.close()
+    peer = ours.pop("peer")
     base, base_cpu = statistics.median(peer), statistics.median(cpu["peer"])
     rows = [["rasterio read + window + colour-layout (no Dask)", "1 process, 1 thread", n_peer, "",
              f"{base:,.0f}", "1.00", f"{base_cpu:,.0f}", "1.00"]]
@@ -148,32 +161,19 @@ def section_model_bound(pix: np.ndarray, work: Path, size: int, repeats: int, th
     configs = [(1, 1, threads), (threads, 1, 1)] if threads > 1 else [(1, 1, 1)]
     clusters = {c: cluster(c[0], c[1]) for c in configs}
     models = {c: ModelOptions("efficientnet-lite0", threads=c[2], batch_size=32) for c in configs}
-    peer: list[float] = []
-    ours: dict[tuple[int, int, int], list[float]] = {c: [] for c in configs}
-    counts: dict[int, set[int]] = {}
-    n_peer = 0
     try:
         plain_loop(files[0], loop_model)  # warm-up: model load, page cache
         for c, (_, client) in clusters.items():
             ingest(client, files[0], work / "lite0-warm.zarr", models[c], 2048)
-        for r, f in enumerate(files[1:]):
-            runs = [("peer", None), *((c, clusters[c][1]) for c in configs)]
-            for name, client in (runs if r % 2 == 0 else runs[::-1]):
-                t0 = time.perf_counter()
-                n = (plain_loop(f, loop_model)[0] if client is None
-                     else ingest(client, f, work / "lite0.zarr", models[name], 2048))  # type: ignore[index]
-                dt = time.perf_counter() - t0
-                counts.setdefault(r, set()).add(n)
-                if client is None:
-                    peer.append(n / dt)
-                    n_peer = n
-                else:
-                    ours[name].append(n / dt)  # type: ignore[index]
-            assert len(counts[r]) == 1, f"{f}: the pipelines kept different numbers of windows {counts[r]}"
+        ours, _, n_peer = alternating_runs(
+            files[1:], {c: clusters[c][1] for c in configs},
+            lambda f, name, client: (plain_loop(f, loop_model)[0] if client is None
+                                     else ingest(client, f, work / "lite0.zarr", models[name], 2048)))
     finally:
         for lc, client in clusters.values():
             client.close()
             lc.close()
+    peer = ours.pop("peer")
     base = statistics.median(peer)
     rows = [["plain torch loop (no Dask)", f"1 process, torch {threads} threads", n_peer, f"{base:.2f}", "1.00"]]
     for (w, t, tt), rates in ours.items():
