@@ -15,10 +15,12 @@ Sections:
    at each ``--sizes`` row count: index build time and bytes per tile; single
    query median latency of the exact scan (streamed from Zarr; persisted when it
    fits the cluster memory limit), code search (codes in memory, fingerprints
-   streamed / persisted), numpy brute force and FAISS flat over the in-memory
+   streamed / persisted; Hamming alone and with the asymmetric re-score), numpy
+   brute force and FAISS flat over the in-memory
    matrix, FAISS IVF-PQ + exact refine and FAISS HNSW tuned to the same recall;
    recall@10 of each against exact; and the plain single-process loop over the
-   same Zarr chunks against the streamed exact scan (issue 14 item 4).
+   same Zarr chunks against the streamed exact scan (``scan.stream_knn``, what
+   ``search()`` runs on a store that is not persisted; issue 14 item 4).
 
 Run::
 
@@ -264,8 +266,8 @@ def size_section(n: int, real512: np.ndarray, args: argparse.Namespace, client: 
     import os
 
     from dask_fp.codes import encode
-    from dask_fp.index import IndexOptions, build_index, code_search, default_candidates, open_index
-    from dask_fp.scan import knn
+    from dask_fp.index import IndexOptions, build_index, code_search, default_candidates, default_pool, open_index
+    from dask_fp.scan import knn, stream_knn
 
     gen = cd.Synthetic(real512, sigma=args.sigma, seed=n)
     out: dict[str, Any] = {"rows": n, "dim": DIM, "load_avg_start": os.getloadavg()}
@@ -299,10 +301,15 @@ def size_section(n: int, real512: np.ndarray, args: argparse.Namespace, client: 
     kcodes = np.asarray(idx.codes_array[: min(n, 1 << 20)])
     out["kernel"] = kernel_timings(kcodes, encode(fresh(0), idx.params), 1000, args.repeats)
     say(f"  kernel (one task): {out['kernel']}")
-    out["default_candidates"] = default_candidates(K, n)
-    sweep = sorted({100, 300, 1000, 3000, 10000, out["default_candidates"]})
+    out["default_candidates"], out["default_pool"] = default_candidates(K, n), default_pool(K, n)
+    sweep = sorted({100, 300, 1000, 3000, 10000, out["default_candidates"], out["default_pool"]})
+    # Hamming alone (pool = candidates: the shortlist is the re-ranked set) against the
+    # asymmetric stage (the default pool re-scored down to the candidates), same queries.
+    out["codes_recall_hamming"] = {c: recall(truth, code_search(st, qs, K, index=idx, candidates=c, pool=c)[1])
+                                   for c in sweep}
     out["codes_recall"] = {c: recall(truth, code_search(st, qs, K, index=idx, candidates=c)[1]) for c in sweep}
-    say(f"  codes recall@10 by candidates: {out['codes_recall']}")
+    say(f"  codes recall@10 by candidates, Hamming only: {out['codes_recall_hamming']}")
+    say(f"  codes recall@10 by candidates, asymmetric re-score of {out['default_pool']}: {out['codes_recall']}")
     # Timed at the fewest candidates reaching recall >= 0.95, as FAISS's knobs are tuned below.
     ok = [c for c in sweep if out["codes_recall"][c] >= 0.95]
     cand = out["candidates"] = min(ok) if ok else max(sweep)
@@ -311,8 +318,13 @@ def size_section(n: int, real512: np.ndarray, args: argparse.Namespace, client: 
                                             args.repeats)[0]
     say(f"  codes ({cand} candidates; codes in memory, fingerprints read from disk)"
         f" {out['codes_mem_fp_stream_s'] * 1e3:.1f} ms")
+    ok_h = [c for c in sweep if out["codes_recall_hamming"][c] >= 0.95]
+    cand_h = out["candidates_hamming"] = min(ok_h) if ok_h else max(sweep)
+    out["codes_hamming_s"] = median_s(lambda i: code_search(st, fresh(i), K, index=idx, candidates=cand_h,
+                                                            pool=cand_h), args.repeats)[0]
+    say(f"  codes, Hamming only ({cand_h} candidates) {out['codes_hamming_s'] * 1e3:.1f} ms")
     reps_slow = max(3, args.repeats // 5)
-    out["exact_stream_s"] = median_s(lambda i: knn(st.fingerprints(), st.norm2(), fresh(i), K), reps_slow)[0]
+    out["exact_stream_s"] = median_s(lambda i: stream_knn(st, fresh(i), K), reps_slow)[0]
     out["plain_loop_s"] = median_s(lambda i: plain_stream_knn(st, fresh(i), K), reps_slow)[0]
     say(f"  exact streamed {out['exact_stream_s']:.3f} s, plain loop {out['plain_loop_s']:.3f} s")
     if n * DIM * 4 <= args.cluster_bytes * 0.6:

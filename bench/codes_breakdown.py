@@ -3,14 +3,15 @@
 Reuses a store and index that ``bench/codes.py --reuse`` left in ``--workdir``
 (``syn-<rows>.zarr``, index built), so it needs no rebuild: codes persisted on a
 LocalCluster (2 workers x 1 thread), then for fresh queries each repeat:
-``code_candidates`` (the distributed Hamming pass), ``rerank`` (the candidates'
+``code_candidates`` (the distributed pass: Hamming shortlist of ``--pool`` per task,
+asymmetric re-score down to ``--candidates``; ``--pool 0``: Hamming alone), ``rerank`` (the candidates'
 rows read from disk with ``--threads`` reader threads, exact distances) and the
 whole ``code_search``; recall@10 is not re-measured here (bench/codes.py does).
 
 Run::
 
-    .venv/bin/python bench/codes_breakdown.py --rows 10000000 --candidates 10000 --threads 8,32 \\
-        --workdir /work/bench-codes
+    .venv/bin/python bench/codes_breakdown.py --rows 10000000 --candidates 2500 --pool 10000 \\
+        --threads 8,32 --workdir /work/bench-codes
 """
 
 from __future__ import annotations
@@ -34,13 +35,14 @@ def main() -> None:
     from distributed import Client, LocalCluster
 
     import dask_fp.store.rows as rows_mod
-    from dask_fp.codes import encode
+    from dask_fp.codes import byte_tables, project
     from dask_fp.index import code_candidates, code_search, open_index, rerank
     from dask_fp.store import open_store
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, required=True)
-    p.add_argument("--candidates", type=int, required=True)
+    p.add_argument("--candidates", type=int, required=True, help="rows re-ranked exactly")
+    p.add_argument("--pool", type=int, default=0, help="Hamming shortlist per task (0: Hamming alone)")
     p.add_argument("--threads", default="8,32")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--sigma", type=float, default=0.3)
@@ -61,14 +63,16 @@ def main() -> None:
                 seed += 1
                 q = gen.queries(1, seed=seed)
                 t0 = time.perf_counter()
-                cand = code_candidates(idx.codes(), encode(q, idx.params), a.candidates)
+                z = project(q, idx.params)
+                cand = code_candidates(idx.codes(), np.packbits(z >= 0, axis=1), a.candidates,
+                                       tables=byte_tables(z) if a.pool else None, pool=a.pool or None)
                 t1 = time.perf_counter()
                 rerank(st, q, cand, 10)
                 t2 = time.perf_counter()
                 seed += 1
                 q2 = gen.queries(1, seed=seed)
                 t3 = time.perf_counter()
-                code_search(st, q2, 10, index=idx, candidates=a.candidates)
+                code_search(st, q2, 10, index=idx, candidates=a.candidates, pool=a.pool or a.candidates)
                 whole.append(time.perf_counter() - t3)
                 scan.append(t1 - t0)
                 rr.append(t2 - t1)

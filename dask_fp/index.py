@@ -18,9 +18,12 @@ Attributes of ``index``: ``method`` ("itq"), ``nbits``, ``indexed`` (rows
 committed row (under the store's writer lock); :func:`extend_index` encodes
 the rows added since (``indexed..committed``) with the trained parameters.
 
-Query (:func:`code_search`): one ``dask.array.reduction`` over the codes keeps
-each query's ``candidates`` nearest codes (Hamming; FAISS's popcount kernel
-when installed), merged in a tree like the exact scan; the candidates' full
+Query (:func:`code_search`): one ``dask.array.reduction`` over the codes; each
+task keeps each query's ``pool`` nearest codes by Hamming distance (FAISS's
+popcount kernel when installed) and re-scores them with the asymmetric score
+of :mod:`.codes` (the query's projection, not its code, against the codes'
+signs), keeping the best ``candidates``; the tasks' lists are merged in a
+tree like the exact scan. The candidates' full
 fingerprints are then read row by row (:mod:`dask_fp.store.rows`: one
 ``pread`` per row from an uncompressed store) and re-ranked with the exact distance of :mod:`.kernels`, so
 every returned distance is exact, and rows added after the index was built
@@ -38,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from .codes import CodeParams, encode, hamming_top_m, train_itq
+from .codes import CodeParams, asym_top_m, byte_tables, encode, hamming_top_m, project, train_itq
 from .errors import QueryError, StoreError
 from .kernels import chunk_distances, knn_merge, top_m
 from .scan import knn
@@ -83,15 +86,24 @@ class IndexOptions:
     seed: int = 0
 
 
-def default_candidates(m: int, rows: int) -> int:
-    """Codes kept per query for the exact re-rank: ``max(100·m, 1000, rows / 1000)``.
+def default_pool(m: int, rows: int) -> int:
+    """Hamming shortlist per scan task, re-scored asymmetrically: ``max(100·m, 1000, rows / 1000)``.
 
     The share of rows grows the list with the store: the denser the store, the
     more codes tie or nearly tie with the true neighbours' (on vectors that follow
-    real fingerprints, 1,000 candidates recall 0.996 at 1M rows and 300 only
-    0.76; bench/codes.py, docs/performance.md). Each candidate costs one row read.
+    real fingerprints, the 1,000 nearest codes hold the true 10 nearest rows
+    at recall 0.996 at 1M rows, 300 only at 0.76; bench/codes.py, docs/performance.md).
     """
     return int(min(rows, max(100 * m, 1000, -(-rows // 1000))))
+
+
+def default_candidates(m: int, rows: int) -> int:
+    """Candidates re-ranked exactly per query (one row read each): ``max(100·m, 1000, rows / 4000)``.
+
+    Fewer than the Hamming shortlist (:func:`default_pool`): the asymmetric score
+    ranks the true neighbours near the top of the shortlist (bench/codes.py).
+    """
+    return int(min(rows, max(100 * m, 1000, -(-rows // 4000))))
 
 
 class Index:
@@ -298,15 +310,35 @@ def hamming_chunk(
     return hamming_top_m(codes, qcodes, rows, m)
 
 
-def code_candidates(codes: Any, qcodes: np.ndarray, m: int, *, split_every: int | None = None) -> np.ndarray:
-    """Rows of each query's ``m`` nearest codes: one reduction over the dask array ``codes``."""
+def asym_chunk(
+    block: tuple[np.ndarray, np.ndarray], *, qcodes: np.ndarray, tables: np.ndarray, m: int, pool: int,
+    axis: Any = None, keepdims: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Chunk step: a block ``(codes, rows)`` → each query's ``m`` best of its ``pool`` nearest codes
+    by asymmetric score (:func:`dask_fp.codes.asym_top_m`)."""
+    codes, rows = block
+    return asym_top_m(codes, qcodes, tables, rows, m, pool)
+
+
+def code_candidates(codes: Any, qcodes: np.ndarray, m: int, *, tables: np.ndarray | None = None,
+                    pool: int | None = None, split_every: int | None = None) -> np.ndarray:
+    """Rows of each query's ``m`` best codes: one reduction over the dask array ``codes``.
+
+    With ``tables`` (the queries' :func:`~dask_fp.codes.byte_tables`), each task
+    keeps its ``pool`` nearest codes by Hamming distance and ranks them by the
+    asymmetric score; without, by Hamming distance alone.
+    """
     import dask.array as da
 
     if codes.shape[0] == 0:
         return np.empty((len(qcodes), 0), np.int64)
     packed = da.map_blocks(_pack_codes, codes, dtype=np.uint8, meta=np.empty((0, 0), dtype=np.uint8))
+    if tables is None:
+        chunk = partial(hamming_chunk, qcodes=qcodes, m=m)
+    else:
+        chunk = partial(asym_chunk, qcodes=qcodes, tables=tables, m=m, pool=pool or m)
     red = da.reduction(
-        packed, chunk=partial(hamming_chunk, qcodes=qcodes, m=m), combine=partial(knn_merge, m=m),
+        packed, chunk=chunk, combine=partial(knn_merge, m=m),
         aggregate=partial(knn_merge, m=m), axis=0, keepdims=True, concatenate=False,
         split_every=split_every, dtype=np.int32, meta=np.empty((0, 0), dtype=np.int32), name="code-knn",
     )
@@ -342,6 +374,7 @@ def code_search(
     *,
     index: Index | None = None,
     candidates: int | None = None,
+    pool: int | None = None,
     split_every: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Approximate ``m`` nearest rows with exact distances: code scan, exact re-rank, exact tail.
@@ -354,7 +387,10 @@ def code_search(
     index : Index, optional
         An opened (possibly persisted) index of ``store``; opened when None.
     candidates : int, optional
-        Codes kept per query for the re-rank (:func:`default_candidates` when None).
+        Rows re-ranked exactly per query (:func:`default_candidates` when None).
+    pool : int, optional
+        Hamming shortlist per scan task, re-scored asymmetrically to pick the
+        candidates (:func:`default_pool` when None; at least ``candidates``).
 
     Returns
     -------
@@ -369,7 +405,10 @@ def code_search(
     c = candidates if candidates is not None else default_candidates(m, idx.indexed)
     if c < m:
         raise QueryError(f"candidates ({c}) must be at least k ({m})")
-    cand = code_candidates(idx.codes(), encode(q, idx.params), c, split_every=split_every)
+    h = max(c, pool if pool is not None else default_pool(m, idx.indexed))
+    z = project(q, idx.params)
+    cand = code_candidates(idx.codes(), np.packbits(z >= 0, axis=1), c, tables=byte_tables(z), pool=h,
+                           split_every=split_every)
     parts = [rerank(store, q, cand, m)]
     if idx.indexed < store.committed:  # rows added since the index: scanned exactly
         lo = idx.indexed

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dask_fp.codes import encode, hamming, train_itq
+from dask_fp.codes import asym_scores, asym_top_m, byte_tables, encode, hamming, project, train_itq
 from dask_fp.errors import QueryError
 
 
@@ -107,3 +107,68 @@ def test_faiss_and_numpy_hamming_top_m_agree(n, m):
         below = fd[i] < fd[i, -1]
         assert set(fr[i, below]) == set(nr[i, below])
         assert (np.diff(fd[i]) >= 0).all() and len(set(fr[i])) == len(fr[i])
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(0, 40), nbytes=st.sampled_from([1, 3, 8, 64]), seed=st.integers(0, 2**31))
+def test_asym_scores_match_the_projection_times_the_code_signs(n, nbytes, seed):
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 256, (n, nbytes), dtype=np.uint8)
+    z = rng.normal(size=(2, nbytes * 8)).astype(np.float32)
+    tables = byte_tables(z)
+    assert tables.shape == (2, nbytes, 256)
+    signs = np.unpackbits(codes, axis=1).astype(np.float64) * 2 - 1  # (n, nbits), packbits bit order
+    for i in range(2):
+        np.testing.assert_allclose(asym_scores(codes, tables[i]), signs @ z[i].astype(np.float64),
+                                   rtol=1e-5, atol=1e-4)
+
+
+def test_asym_kernels_reject_bad_shapes():
+    with pytest.raises(QueryError, match="multiple of 8"):
+        byte_tables(np.zeros((1, 12), np.float32))
+    with pytest.raises(QueryError, match="codes must have shape"):
+        asym_scores(np.zeros((3, 4), np.uint8), np.zeros((8, 256), np.float32))
+
+
+@pytest.mark.parametrize("use_faiss", [True, False])
+def test_asym_top_m_ranks_the_hamming_shortlist_by_score(use_faiss):
+    """Oracle: Hamming distances by unpackbits, the pool nearest, then the score by a float product."""
+    if use_faiss:
+        pytest.importorskip("faiss")
+    x = clustered(3000, 64, 30, seed=5)
+    p = train_itq(x, 64, iterations=5)
+    codes = encode(x, p)
+    q = x[:4] + 0.1
+    z = project(q, p)
+    rows = np.arange(len(x), dtype=np.int64) + 1000
+    d, r = asym_top_m(codes, encode(q, p), byte_tables(z), rows, 20, 300, use_faiss=use_faiss)
+    assert d.shape == r.shape == (4, 20) and d.dtype == np.float32
+    signs = np.unpackbits(codes, axis=1).astype(np.float64) * 2 - 1
+    ham = np.unpackbits(codes[None] ^ encode(q, p)[:, None], axis=2).sum(axis=2)
+    for i in range(len(q)):
+        h = np.sort(ham[i])[299]
+        score = signs @ z[i].astype(np.float64)
+        assert (ham[i][r[i] - 1000] <= h).all()  # every kept code is in the Hamming shortlist
+        np.testing.assert_allclose(-d[i], score[r[i] - 1000], rtol=1e-5, atol=1e-4)
+        assert (np.diff(d[i]) >= 0).all() and len(set(r[i])) == 20
+        # Nothing inside the shortlist (strictly below its cut) scores better than the 20th kept.
+        inside = ham[i] < h
+        assert (score[inside] <= -d[i, -1] + 1e-4).sum() >= inside.sum() - 20
+
+
+def test_asym_score_ranks_true_neighbours_higher_than_hamming():
+    """The point of the asymmetric stage: among the same shortlist, the exact 10 nearest rank higher."""
+    x = clustered(20000, 128, 50, seed=6, noise=0.6)
+    p = train_itq(x, 128, iterations=10)
+    q = clustered(40, 128, 50, seed=6, noise=0.6) + 0.01
+    codes, qc, z = encode(x, p), encode(q, p), project(q, p)
+    exact = ((q[:, None, :] - x[None]) ** 2).sum(-1)
+    truth = np.argsort(exact, axis=1)[:, :10]
+    rows = np.arange(len(x), dtype=np.int64)
+    _, by_asym = asym_top_m(codes, qc, byte_tables(z), rows, 200, 2000, use_faiss=False)
+    by_ham = np.argsort(hamming(codes, qc), axis=1, kind="stable")[:, :200]
+
+    def recall(got):
+        return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(truth, got, strict=True)])
+
+    assert recall(by_asym) > recall(by_ham) + 0.05

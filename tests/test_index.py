@@ -18,6 +18,7 @@ from dask_fp.index import (
     choose_method,
     code_search,
     default_candidates,
+    default_pool,
     extend_index,
     open_index,
 )
@@ -142,8 +143,10 @@ def test_no_index_bad_method_and_auto_choice(store_dir):
     assert choose_method(st, "auto") == "exact"  # small store, no index
     with pytest.raises(QueryError, match="nbits"):
         build_index(store_dir.path, IndexOptions(nbits=128))  # more bits than 64 dimensions
+    assert default_pool(10, 50) == 50 and default_pool(10, 10**6) == 1000
+    assert default_pool(10, 10**7) == 10_000 and default_pool(30, 10**6) == 3000
     assert default_candidates(10, 50) == 50 and default_candidates(10, 10**6) == 1000
-    assert default_candidates(10, 10**7) == 10_000 and default_candidates(30, 10**6) == 3000
+    assert default_candidates(10, 10**7) == 2500 and default_candidates(30, 10**6) == 3000
 
 
 def test_cli_index_and_query_method(client, store_dir, capsys):
