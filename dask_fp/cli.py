@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--include-self", action="store_true", help="keep the query's own (and labelled) tiles")
     q.add_argument("--method", choices=("auto", "exact", "codes"), default="auto",
                    help="exact scan, or compact codes + exact re-rank (auto: codes for large indexed stores)")
-    q.add_argument("--candidates", type=_positive, help="codes re-ranked per query (--method codes)")
+    q.add_argument("--candidates", type=_positive, help="rows re-ranked exactly per query (--method codes)")
     _common_query_args(q, "write hits, mosaics, places (GeoJSON, GeoParquet) and score COGs here")
 
     c = sub.add_parser("classify", help="train a linear classifier on labelled tiles and score every tile")

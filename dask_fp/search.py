@@ -161,7 +161,7 @@ def search(
         index and re-rank the candidates exactly (:func:`dask_fp.index.code_search`).
         ``auto``: codes for large stores with an index (:func:`dask_fp.index.choose_method`).
     candidates : int, optional
-        Codes re-ranked per query with ``codes`` (default :func:`dask_fp.index.default_candidates`).
+        Rows re-ranked exactly per query with ``codes`` (default :func:`dask_fp.index.default_candidates`).
     """
     if not isinstance(k, int | np.integer) or isinstance(k, bool) or k < 1:
         raise QueryError(f"k must be a whole number >= 1, got {k!r}")

@@ -146,7 +146,7 @@ def test_no_index_bad_method_and_auto_choice(store_dir):
     assert default_pool(10, 50) == 50 and default_pool(10, 10**6) == 1000
     assert default_pool(10, 10**7) == 10_000 and default_pool(30, 10**6) == 3000
     assert default_candidates(10, 50) == 50 and default_candidates(10, 10**6) == 1000
-    assert default_candidates(10, 10**7) == 2500 and default_candidates(30, 10**6) == 3000
+    assert default_candidates(10, 10**7) == 5000 and default_candidates(30, 10**6) == 3000
 
 
 def test_cli_index_and_query_method(client, store_dir, capsys):
