@@ -132,6 +132,20 @@ class Pipeline:
         except BaseException:
             self._abort()
             raise
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        """Drop every future this run holds, so the scheduler forgets its tasks now.
+
+        Otherwise a finished write kept as a unit's last write would keep its block
+        tasks on the scheduler for as long as this object lives, which after a
+        failure is until garbage collection frees the traceback's frames.
+        """
+        for held in (self.futs, self.writes, self.chain, self.kind):
+            held.clear()
+        self.pending = []
+        self.ac.clear()
 
     def _fill(self) -> None:
         while self.submitted < len(self.blocks) and self.submitted - self.nxt < self.limit:

@@ -13,6 +13,7 @@ seeded random weights) so the file runs in a few minutes on two busy cores.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -193,8 +194,13 @@ def progress_between() -> Callable[[str], bool]:
     return test
 
 
-def _fingerprint_tasks(dask_scheduler=None) -> int:
-    return sum(1 for k in dask_scheduler.tasks if "fingerprint-" in str(k))
+def _fingerprint_tasks(dask_scheduler=None) -> dict[str, str]:
+    """Each fingerprint task the scheduler holds: key -> state, who wants it, where it runs."""
+    return {
+        str(k): f"{ts.state} wants={[c.client_key for c in ts.who_wants]}"
+        f" on={getattr(ts.processing_on, 'address', None)} dependents={len(ts.dependents)}"
+        for k, ts in dask_scheduler.tasks.items() if "fingerprint-" in str(k)
+    }
 
 
 def wait_until(test: Callable[[], bool], timeout: float) -> bool:
@@ -322,12 +328,19 @@ def test_client_killed_at_each_point_then_rerun_finishes(rasters, tmp_path, clie
 
     # Append. 4) a is committed, the run is killed right after that commit (a and b are in
     # flight together, so b's blocks or rows are under way; b is not committed).
+    gc.collect()
+    others = set(client.run_on_scheduler(_fingerprint_tasks))  # held by this session's other tests, if any
     run = Cli(shared, {**pause, "DASK_FP_TEST_PAUSE": "committed"})
     run.wait_for("dask-fp-test-pause: committed")
+    assert set(client.run_on_scheduler(_fingerprint_tasks)) - others, "the killed run had no block tasks?"
     run.kill()
     assert_reader_sees(out, [a])
     # The shared scheduler notices the dead client and drops its tasks.
-    assert wait_until(lambda: not client.run_on_scheduler(_fingerprint_tasks), 60), "tasks of a dead client linger"
+
+    def dead_client_tasks() -> dict[str, str]:
+        return {k: v for k, v in client.run_on_scheduler(_fingerprint_tasks).items() if k not in others}
+
+    assert wait_until(lambda: not dead_client_tasks(), 60), f"tasks of a dead client linger: {dead_client_tasks()}"
     old = rows_bytes(out)
     # 5) Killed while writing b's rows, 6) between b's rows and its commit.
     for point in ("rows", "before-commit"):
