@@ -154,7 +154,7 @@ def timed(fn, repeats: int) -> tuple[float, object]:
 
 def dask_ingest(client, path: Path, store: Path, model: ModelOptions, chunk: int) -> int:
     import dask_fp
-    from dask_fp.raster import RasterOptions
+    from dask_fp.inspection import RasterOptions
 
     shutil.rmtree(store, ignore_errors=True)
     rep = dask_fp.ingest([str(path)], str(store), model=model, tiling=TILING, raster=RasterOptions(chunk=chunk),
@@ -341,7 +341,7 @@ def section_scale_out(pix: np.ndarray, work: Path, repeats: int, threads: int, n
     import psutil
 
     import dask_fp
-    from dask_fp.raster import RasterOptions
+    from dask_fp.inspection import RasterOptions
 
     print(f"\n## 6. Scale-out: {n_small} small sources vs one raster of the same windows ({threads} threads)\n")
     model = ModelOptions("resnet18", weights="random", threads=1, batch_size=32)

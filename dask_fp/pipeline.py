@@ -24,7 +24,7 @@ from dask.sizeof import sizeof
 
 from .errors import DaskFpError, RasterError, StoreError
 from .fingerprint import BlockPlan, BlockResult
-from .raster import RasterSpec
+from .inspection import RasterSpec
 from .store.region import Piece, SourceGeo, write_granularity, write_rows
 from .store.testhook import test_pause
 

@@ -8,9 +8,9 @@ from conftest import textured, write_tif
 
 import dask_fp
 from dask_fp.errors import WeightsError
+from dask_fp.inspection import RasterOptions
 from dask_fp.layout import gather_windows, layout_fingerprints, layout_of_block
 from dask_fp.models import ModelOptions, embed, get_spec, load_model, resolve_weights
-from dask_fp.raster import RasterOptions
 
 LAYOUT = ModelOptions("colour-layout")
 

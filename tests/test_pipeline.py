@@ -17,8 +17,8 @@ from conftest import textured, write_tif
 
 import dask_fp
 from dask_fp.fingerprint import BlockResult
+from dask_fp.inspection import RasterOptions
 from dask_fp.models import ModelOptions
-from dask_fp.raster import RasterOptions
 from dask_fp.store import COORDS
 from dask_fp.store.region import Piece, SourceGeo, region_rows
 from dask_fp.tiling import Tiling, make_uid, window_centres
