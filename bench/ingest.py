@@ -49,7 +49,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dask_fp.models import ModelOptions, load_model, resolve_weights  # noqa: E402
+from dask_fp.embedder import load_model  # noqa: E402
+from dask_fp.models import ModelOptions, resolve_weights  # noqa: E402
 from dask_fp.raster import to_rgb_and_empty  # noqa: E402
 from dask_fp.tiling import Tiling, grid_shape, window_empty_fraction  # noqa: E402
 
