@@ -249,9 +249,11 @@ def test_lost_results_are_cluster_errors_and_killed_worker_names_the_worker():
         got = describe_failure(e, "a.tif: block (0, 0)")
         assert isinstance(got, dask_fp.ClusterError) and "result was lost" in str(got) and "worker died" in str(got)
         assert "a.tif: block (0, 0)" in str(got) and "is the file complete" not in str(got).lower()
+    from distributed.core import Status
     from distributed.scheduler import KilledWorker, WorkerState
 
-    ws = WorkerState(address="tcp://10.0.0.7:4001", nthreads=1, memory_limit=0, pid=1, name="w7")
+    ws = WorkerState(address="tcp://10.0.0.7:4001", status=Status.running, pid=1, name="w7", nthreads=1,
+                     memory_limit=0, local_directory="", nanny=None, server_id="w7")
     got = describe_failure(KilledWorker("fingerprint-abc", ws, 3), "a.tif: block (0, 0)")
     assert isinstance(got, dask_fp.ClusterError) and "a worker died running it" in str(got)
     assert "ran it on 4 worker(s)" in str(got) and "tcp://10.0.0.7:4001" in str(got) and "= 3" in str(got)
