@@ -1,4 +1,4 @@
-"""Model registry, weights resolution, preprocessing and ``embed()``.
+"""Model registry (builders, feature sizes, input normalisation, published weights) and weights resolution.
 
 A registry entry (:class:`ModelSpec`) keeps a model's builder, feature size,
 input normalisation and published weights together, as data.
