@@ -31,7 +31,8 @@ def one(model: str, windows: int, tune: bool) -> float:
         from dask_fp.malloc import keep_buffers
 
         keep_buffers()
-    from dask_fp.models import ModelOptions, load_model, resolve_weights
+    from dask_fp.embedder import load_model
+    from dask_fp.models import ModelOptions, resolve_weights
 
     opts = ModelOptions(model, batch_size=32, weights="random" if model == "resnet18" else None)
     m = load_model(opts, resolve_weights(opts))

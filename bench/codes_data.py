@@ -32,7 +32,8 @@ def real_fingerprints(cache: Path, data: Path = UCM, *, rotations: int = 1, thre
         return np.load(cache)
     from PIL import Image
 
-    from dask_fp.models import ModelOptions, embed
+    from dask_fp.embedder import embed
+    from dask_fp.models import ModelOptions
 
     files = sorted(data.glob("*/*.jpg"))
     if not files:

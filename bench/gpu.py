@@ -41,7 +41,8 @@ sys.path.insert(0, str(REPO))
 def model_only(batches: list[int], seconds: float = 5.0) -> list[tuple[int, float]]:
     import torch
 
-    from dask_fp.models import ModelOptions, load_model, resolve_weights
+    from dask_fp.embedder import load_model
+    from dask_fp.models import ModelOptions, resolve_weights
 
     out = []
     for bs in batches:
@@ -62,7 +63,8 @@ def model_only(batches: list[int], seconds: float = 5.0) -> list[tuple[int, floa
 def agreement(n: int = 512) -> float:
     import torch
 
-    from dask_fp.models import IMAGENET_MEAN, IMAGENET_STD, ModelOptions, load_model, resolve_weights
+    from dask_fp.embedder import load_model
+    from dask_fp.models import IMAGENET_MEAN, IMAGENET_STD, ModelOptions, resolve_weights
 
     opts = ModelOptions("resnet18", weights="random", device="cuda", batch_size=128)
     m = load_model(opts, resolve_weights(opts))
@@ -128,7 +130,7 @@ def stored_vs_embed(store: Path, tif: Path, opts) -> float:
     from rasterio.windows import Window
 
     import dask_fp
-    from dask_fp.models import embed
+    from dask_fp.embedder import embed
 
     st = dask_fp.open_store(store)
     c = st.coords()

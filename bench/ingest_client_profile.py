@@ -42,8 +42,8 @@ STEPS = [
 
 def main(argv: list[str] | None = None) -> int:
     import dask_fp
+    from dask_fp.inspection import RasterOptions
     from dask_fp.models import ModelOptions
-    from dask_fp.raster import RasterOptions
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=str(REPO / "demo-data"))

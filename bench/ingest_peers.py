@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from dask_fp.models import ModelOptions, load_model, resolve_weights
+from dask_fp.embedder import load_model
+from dask_fp.models import ModelOptions, resolve_weights
 from dask_fp.raster import to_rgb_and_empty
 from dask_fp.tiling import Tiling, grid_shape, window_empty_fraction
 

@@ -60,9 +60,11 @@ def stages(raster: str, model_name: str, chunk: int) -> None:
     import numpy as np
     from ingest_peers import rasterio_windows
 
+    from dask_fp.embedder import load_model
     from dask_fp.fingerprint import plan_blocks, read_block
-    from dask_fp.models import ModelOptions, load_model, resolve_weights
-    from dask_fp.raster import inspect_raster, limit_gdal_cache, open_raster, to_rgb_and_empty
+    from dask_fp.inspection import inspect_raster
+    from dask_fp.models import ModelOptions, resolve_weights
+    from dask_fp.raster import limit_gdal_cache, open_raster, to_rgb_and_empty
     from dask_fp.tiling import Tiling, grid_shape, window_empty_fraction
 
     tiling = Tiling()
@@ -114,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     from distributed import Client, LocalCluster
 
     import dask_fp
+    from dask_fp.inspection import RasterOptions
     from dask_fp.models import ModelOptions
-    from dask_fp.raster import RasterOptions
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("raster")

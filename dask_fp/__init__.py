@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from ._version import __version__
 from .classify import classify  # noqa: E402
+from .embedder import embed  # noqa: E402
 from .errors import (  # noqa: E402
     ClusterError,
     DaskFpError,
@@ -19,8 +20,8 @@ from .errors import (  # noqa: E402
 )
 from .index import IndexOptions, build_index, code_search, extend_index, open_index  # noqa: E402
 from .ingest import IngestReport, ingest  # noqa: E402
-from .models import ModelOptions, embed  # noqa: E402
-from .raster import RasterOptions  # noqa: E402
+from .inspection import RasterOptions  # noqa: E402
+from .models import ModelOptions  # noqa: E402
 from .search import Hits, Query, search  # noqa: E402
 from .session import SearchSession, read_labels  # noqa: E402
 from .store import Store, open_store  # noqa: E402

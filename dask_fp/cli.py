@@ -227,8 +227,8 @@ def _cluster(args: argparse.Namespace) -> Any:
 def cmd_ingest(args: argparse.Namespace) -> int:
     from .cluster import gpu_resources
     from .ingest import ingest
+    from .inspection import RasterOptions
     from .models import ModelOptions
-    from .raster import RasterOptions
     from .store import format_summary, open_store
     from .tiling import Tiling
 

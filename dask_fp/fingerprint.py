@@ -31,9 +31,11 @@ import dask
 import numpy as np
 from dask.delayed import Delayed
 
+from .embedder import load_model
+from .inspection import RasterSpec
 from .malloc import keep_buffers
-from .models import ModelOptions, ResolvedWeights, get_spec, load_model
-from .raster import RasterSpec, limit_gdal_cache, to_rgb_and_empty
+from .models import ModelOptions, ResolvedWeights, get_spec
+from .raster import limit_gdal_cache, to_rgb_and_empty
 from .tiling import Tiling, grid_shape, owned_windows, window_empty_fraction
 
 if TYPE_CHECKING:

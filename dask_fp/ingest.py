@@ -24,9 +24,10 @@ from dask.sizeof import sizeof
 from .errors import DaskFpError, RasterError, StoreMismatchError
 from .fingerprint import block_tasks
 from .inputs import file_sha256
+from .inspection import RasterOptions, RasterSpec, inspect_rasters
 from .models import ModelOptions, ResolvedWeights, get_spec, precision_label, resolve_weights
 from .pipeline import Pipeline, SourceJob, in_flight, progress_printer
-from .raster import RasterOptions, RasterSpec, inspect_rasters, open_raster
+from .raster import open_raster
 from .store import StoreSettings, open_store, open_writer
 from .store.region import SourceGeo
 from .tiling import Tiling, grid_shape
@@ -99,7 +100,7 @@ def ingest(
         Store directory.
     model, tiling, raster : options
         See :class:`~dask_fp.models.ModelOptions`, :class:`~dask_fp.tiling.Tiling`,
-        :class:`~dask_fp.raster.RasterOptions`.
+        :class:`~dask_fp.inspection.RasterOptions`.
     dtype : {"float32", "float16"}
         Fingerprint storage type.
     client : distributed.Client, optional

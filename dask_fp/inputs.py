@@ -62,6 +62,16 @@ def remote_error(p: str, reason: str) -> str:
             " for a public bucket).")
 
 
+def gdal_reason(e: BaseException) -> str:
+    """The first line of an error's message, with GDAL's own reason when rasterio hides it."""
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else type(e).__name__
+    cause = e.__cause__ or e.__context__
+    if cause is not None and "previous exception" in line and str(cause).strip():
+        line = str(cause).strip().splitlines()[0]
+    return line
+
+
 def remote_sha256(p: str, *, block: int = 1 << 22) -> str:
     """sha256 of a remote input's bytes, streamed once (the same hash as of a local copy).
 

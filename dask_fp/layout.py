@@ -97,7 +97,7 @@ def layout_of_block(rgb: np.ndarray, iy: np.ndarray, ix: np.ndarray, *, tile: in
 
 class LayoutModel:
     """The colour-layout fingerprint behind the same interface as a torch model
-    (:class:`dask_fp.models.LoadedModel`): ``embed`` and ``embed_windows``."""
+    (:class:`dask_fp.embedder.LoadedModel`): ``embed`` and ``embed_windows``."""
 
     precision = "float32"
 

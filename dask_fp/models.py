@@ -1,4 +1,4 @@
-"""Model registry, weights resolution, preprocessing and ``embed()``.
+"""Model registry (builders, feature sizes, input normalisation, published weights) and weights resolution.
 
 A registry entry (:class:`ModelSpec`) keeps a model's builder, feature size,
 input normalisation and published weights together, as data.
@@ -8,7 +8,7 @@ torchvision cache (``$TORCH_HOME/hub/checkpoints``), a torchvision download.
 The file's sha256 must match the published one. ``weights="random"`` builds a
 seeded, untrained network for tests and throughput work only.
 
-Each process loads a model once (:func:`load_model` is cached), so a Dask
+Each process loads a model once (:func:`dask_fp.embedder.load_model` is cached), so a Dask
 worker reuses it across tasks.
 """
 
@@ -334,12 +334,9 @@ def _build_random(spec: ModelSpec, seed: int) -> Any:
         return spec.builder()
 
 
-# The runtime (a loaded model, batching, load_model/embed) lives in dask_fp.embedder;
-# re-exported here so ``from dask_fp.models import load_model`` keeps working.
-from .embedder import Embedder, LoadedModel, device_windows, embed, load_model, pick_device  # noqa: E402
-
+# The runtime (a loaded model, batching, load_model/embed) lives in dask_fp.embedder, which
+# imports this module; nothing here imports it back (no import cycle).
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "PRECISIONS", "REGISTRY", "Embedder", "LoadedModel", "ModelOptions", "ModelSpec",
-    "ResolvedWeights", "WeightsFile", "device_windows", "embed", "get_spec", "load_model", "pick_device",
-    "precision_label", "random_weights_sha256", "resolve_weights", "torch_cache_dir",
+    "IMAGENET_MEAN", "IMAGENET_STD", "PRECISIONS", "REGISTRY", "ModelOptions", "ModelSpec", "ResolvedWeights",
+    "WeightsFile", "get_spec", "precision_label", "random_weights_sha256", "resolve_weights", "torch_cache_dir",
 ]

@@ -22,9 +22,9 @@ from typing import Any
 
 from dask.sizeof import sizeof
 
-from .errors import DaskFpError, RasterError, StoreError
+from .errors import ClusterError, DaskFpError, RasterError, StoreError
 from .fingerprint import BlockPlan, BlockResult
-from .raster import RasterSpec
+from .inspection import RasterSpec
 from .store.region import Piece, SourceGeo, write_granularity, write_rows
 from .store.testhook import test_pause
 
@@ -64,20 +64,48 @@ def in_flight(client: Any, blocks_per_row: int) -> int:
 
 
 def describe_failure(e: BaseException, where: str) -> DaskFpError:
-    """A specific error for a failed block task (``where`` names the file and block)."""
+    """A specific error for a failed block or write task (``where`` names the file and block).
+
+    A worker that died under the task (:class:`distributed.scheduler.KilledWorker`), or a
+    result lost on the way (a closed connection; a future the scheduler cancelled, which is
+    how a lost worker can also show) is a :class:`ClusterError`; running out of memory (the
+    host's, or CUDA's ``torch.OutOfMemoryError``) says which memory and what to shrink; a
+    :class:`StoreError` from a write task stays one; anything else is the input's fault
+    (a :class:`RasterError`). No path claims the store is damaged: uncommitted rows are
+    rolled back by the caller, committed ones are untouched.
+    """
+    from distributed.client import FutureCancelledError
+    from distributed.comm.core import CommClosedError
     from distributed.scheduler import KilledWorker
 
     name = type(e).__name__
     text = str(e) if type(e) is Exception else f"{name}: {e}"
+    intact = "Nothing of this source was committed and the store is intact; re-run the same command to resume."
     if isinstance(e, KilledWorker):
-        return DaskFpError(f"{where}: the workers running it died repeatedly ({e}); a worker is crashing"
-                           " (out of memory? see the worker logs). The store is intact; re-run to resume.")
+        return ClusterError(
+            f"{where}: a worker died running it; Dask ran it on {e.allowed_failures + 1} worker(s) and each one"
+            f" died (the last: {e.last_worker.address}), and gives up on a task after"
+            f" distributed.scheduler.allowed-failures = {e.allowed_failures} worker deaths. A worker that dies"
+            f" mid-task was usually killed for memory (see its log or the nanny's). {intact}")
+    if isinstance(e, CommClosedError | FutureCancelledError):
+        return ClusterError(f"{where}: its result was lost before the client got it ({text}): a worker died, the"
+                            f" scheduler restarted, or the connection to it closed. Check that the scheduler and"
+                            f" the workers are running (and their logs). {intact}")
+    cuda = "cuda" in str(e).lower() or type(e).__module__.startswith("torch")
     if isinstance(e, MemoryError) or "out of memory" in str(e).lower() or name == "OutOfMemoryError":
-        return DaskFpError(f"{where}: ran out of memory ({text}). Use a smaller --chunk or --batch-size,"
-                           " or fewer threads per worker. Nothing of it was committed.")
+        if cuda:
+            return DaskFpError(f"{where}: the GPU ran out of memory ({_first(text)}). Use a smaller --batch-size"
+                               f" (windows per forward pass), or fewer model tasks per GPU. {intact}")
+        return DaskFpError(f"{where}: ran out of memory ({_first(text)}). Use a smaller --chunk or --batch-size,"
+                           f" or fewer threads per worker. {intact}")
     if isinstance(e, StoreError):
         return StoreError(f"{where}: {e}")
     return RasterError(f"{where} failed: {text}. Is the file complete and readable? Nothing of it was committed.")
+
+
+def _first(text: str) -> str:
+    """The first line of an exception's text (CUDA's messages run on for lines)."""
+    return text.strip().splitlines()[0] if text.strip() else text
 
 
 class Pipeline:
@@ -98,6 +126,7 @@ class Pipeline:
         self.chain: dict[int, Any] = {}  # last write task of each unit
         self.counts: dict[int, tuple[int, int]] = {}
         self.futs: dict[int, Any] = {}
+        self.summaries: dict[int, Any] = {}  # block -> its summary future, until counted
         self.nxt = 0
         self.cur_job = 0
         self.next_commit = 0
@@ -153,6 +182,7 @@ class Pipeline:
             fut = self.client.compute(self.blocks[b][2])
             cnt = self.client.submit(block_summary, fut, key=f"block-summary-{fut.key}")
             self.futs[b] = fut
+            self.summaries[b] = cnt
             self.kind[cnt.key] = ("count", b)
             self.ac.add(cnt)
             self.submitted += 1
@@ -169,6 +199,7 @@ class Pipeline:
                      f" {plan.wx0}..{plan.wx1 - 1})")
             raise describe_failure(e, where) from None
         self.received += sizeof(got)
+        self.summaries.pop(b, None)
         self.counts[b] = (n_windows, kept)
         if precision is not None:
             self.jobs[self.blocks[b][0]].precisions.add(precision)
@@ -294,7 +325,10 @@ class Pipeline:
         """After a failure: cancel the blocks, let running writes finish, undo the uncommitted rows."""
         from distributed import wait
 
-        for f in [*self.futs.values(), *(f for _, f in self.pending)]:
+        # Every future of the run is cancelled, the failed ones too: the client then forgets their
+        # state, so a re-run on this client (same deterministic block keys) starts afresh even while
+        # the caller still holds the exception (and through its traceback, these futures).
+        for f in [*self.futs.values(), *self.summaries.values(), *(f for _, f in self.pending)]:
             f.cancel()
         running = [f for _, f in self.writes.values()]
         if running:

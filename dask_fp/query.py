@@ -124,7 +124,7 @@ def model_for_store(store: Store, model: ModelOptions | None = None) -> ModelOpt
 
 def image_queries(store: Store, paths: Sequence[str], model: ModelOptions | None = None) -> list[Query]:
     """Embed query pictures with the store's own model and preprocessing."""
-    from .models import embed
+    from .embedder import embed
 
     if not paths:
         return []

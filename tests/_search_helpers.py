@@ -275,7 +275,7 @@ def raster_store(
     import warnings
 
     from dask_fp.ingest import _source_entry
-    from dask_fp.raster import inspect_raster
+    from dask_fp.inspection import inspect_raster
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)

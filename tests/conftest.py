@@ -37,8 +37,13 @@ def write_tif(
     nodata: float | None = None,
     alpha: bool = False,
     tiled: bool = True,
+    block: int = 256,
 ) -> Path:
-    """Write ``data`` (bands, h, w) as a GeoTIFF; the last band is alpha if ``alpha``."""
+    """Write ``data`` (bands, h, w) as a GeoTIFF; the last band is alpha if ``alpha``.
+
+    ``block`` caps the internal tile side (the reader keeps whole tiles in a chunk, so a
+    small ``block`` with a small ``--chunk`` gives many block tasks).
+    """
     import rasterio
     from rasterio.enums import ColorInterp
     from rasterio.transform import from_origin
@@ -47,7 +52,8 @@ def write_tif(
     profile = {"driver": "GTiff", "height": h, "width": w, "count": b, "dtype": data.dtype,
                "compress": "deflate"}
     if tiled and h >= 16 and w >= 16:
-        profile.update(tiled=True, blockxsize=min(256, w // 16 * 16), blockysize=min(256, h // 16 * 16))
+        profile.update(tiled=True, blockxsize=min(block, w // 16 * 16),
+                       blockysize=min(block, h // 16 * 16))
     if crs:
         profile.update(crs=crs, transform=from_origin(origin[0], origin[1], res, res))
     if nodata is not None:

@@ -10,9 +10,9 @@ from conftest import textured, write_tif
 
 import dask_fp
 from dask_fp.fingerprint import plan_blocks
+from dask_fp.inspection import RasterOptions
 from dask_fp.layout import gather_windows
 from dask_fp.models import IMAGENET_MEAN, IMAGENET_STD, ModelOptions
-from dask_fp.raster import RasterOptions
 from dask_fp.tiling import Tiling, make_uid
 
 RANDOM = ModelOptions("resnet18", weights="random", seed=7, threads=1)

@@ -7,10 +7,11 @@ import pytest
 from conftest import textured, write_tif
 
 import dask_fp
+from dask_fp.embedder import embed, load_model
 from dask_fp.errors import WeightsError
+from dask_fp.inspection import RasterOptions
 from dask_fp.layout import gather_windows, layout_fingerprints, layout_of_block
-from dask_fp.models import ModelOptions, embed, get_spec, load_model, resolve_weights
-from dask_fp.raster import RasterOptions
+from dask_fp.models import ModelOptions, get_spec, resolve_weights
 
 LAYOUT = ModelOptions("colour-layout")
 
@@ -133,7 +134,7 @@ def test_cli_ingest_with_colour_layout(tmp_path, client, capsys):
 def test_device_windows_gathers_the_same_pixels_as_numpy():
     """The GPU path's gather (block moved once, windows indexed on the device), run on the CPU,
     gives exactly the windows numpy cuts, batch by batch."""
-    from dask_fp.models import device_windows
+    from dask_fp.embedder import device_windows
 
     rng = np.random.default_rng(2)
     rgb = rng.integers(0, 256, (3, 4 * 32 + 64 + 5, 3 * 32 + 64), dtype=np.uint8)

@@ -11,15 +11,14 @@ import pytest
 import torch
 import torchvision
 
+from dask_fp.embedder import embed, load_model
 from dask_fp.errors import WeightsError
 from dask_fp.models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ModelOptions,
     WeightsFile,
-    embed,
     get_spec,
-    load_model,
     resolve_weights,
     torch_cache_dir,
 )
@@ -138,7 +137,8 @@ def test_embed_rejects_wrong_shape():
 def test_bfloat16_precision_is_autocast_on_the_cpu_too():
     """precision="bfloat16" runs the forward pass in bf16 autocast (what GPU workers do by default):
     close to float32, not equal, and labelled as such."""
-    from dask_fp.models import load_model, precision_label
+    from dask_fp.embedder import load_model
+    from dask_fp.models import precision_label
 
     pix = np.random.default_rng(3).integers(0, 255, (4, 3, 64, 64), dtype=np.uint8)
     opts = ModelOptions("resnet18", weights="random", seed=1, device="cpu", threads=1)

@@ -17,8 +17,8 @@ from conftest import textured, write_tif
 
 import dask_fp
 from dask_fp.fingerprint import BlockResult
+from dask_fp.inspection import RasterOptions
 from dask_fp.models import ModelOptions
-from dask_fp.raster import RasterOptions
 from dask_fp.store import COORDS
 from dask_fp.store.region import Piece, SourceGeo, region_rows
 from dask_fp.tiling import Tiling, make_uid, window_centres
@@ -143,3 +143,119 @@ def test_region_rows_kernel():
     np.testing.assert_array_equal(rows["x"], x)
     np.testing.assert_array_equal(rows["y"], y)
     assert np.isnan(rows["lon"]).all() and (rows["source"] == 3).all()
+
+
+# ----------------------------------------------------------------------------- errors that say what happened
+
+
+class _CudaOomModel:
+    """A registry model whose forward pass fails the way torch does when a GPU is out of memory."""
+
+    precision = "bfloat16-autocast"
+
+    def _fail(self):
+        import torch
+
+        raise torch.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 3.00 GiB. GPU 0 has a total capacity of 139.72 GiB of which"
+            " 1.19 GiB is free.\nIncluding non-PyTorch memory, this process has 138.5 GiB memory in use.")
+
+    def embed(self, pixels):
+        self._fail()
+
+    def embed_windows(self, rgb, iy, ix, *, tile, stride):
+        self._fail()
+
+
+def test_cuda_out_of_memory_in_a_block_task_says_so_not_is_the_file_complete(tmp_path, monkeypatch, capfd):
+    """A CUDA OOM raised by the model inside a block task, on a real (in-process) cluster, through the CLI:
+    reported as the GPU running out of memory with what to shrink; the store is left as it was."""
+    from distributed import Client, LocalCluster
+
+    from dask_fp.cli import main
+    from dask_fp.models import REGISTRY, ModelSpec
+
+    monkeypatch.setitem(REGISTRY, "oom-test", ModelSpec(
+        name="oom-test", dim=8, builder=_CudaOomModel, mean=(0.0,) * 3, std=(1.0,) * 3, weights=None,
+        normalisation="none (test model)"))
+    tif = write_tif(tmp_path / "a.tif", textured(128, 128, seed=3))
+    store = tmp_path / "s.zarr"
+    # Workers in this process (threads), so they see the test registry entry.
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp", host="127.0.0.1",
+                      dashboard_address=None) as cluster, Client(cluster):
+        args = ["--tile", "64", "--stride", "32", "--chunk", "64", "--scheduler", cluster.scheduler_address]
+        capfd.readouterr()
+        rc = main(["ingest", str(tif), "--store", str(store), "--model", "oom-test", *args])
+        err = capfd.readouterr().err
+        assert rc == 1
+        assert "a.tif: block" in err and "the GPU ran out of memory" in err and "CUDA out of memory" in err
+        assert "--batch-size" in err and "store is intact" in err
+        assert "is the file complete" not in err.lower() and "damaged" not in err
+        # nothing committed, the lock released: the same command with a working model goes through
+        assert dask_fp.open_store(store).committed == 0
+        assert main(["ingest", str(tif), "--store", str(tmp_path / "ok.zarr"), "--model", "colour-layout",
+                     *args]) == 0
+
+
+def test_a_lost_worker_is_reported_as_a_lost_worker_not_a_damaged_store_or_file(tmp_path):
+    """SIGKILL the worker process that runs block tasks, on a real multi-process cluster where Dask
+    gives up at the first worker death (allowed-failures 0): a ClusterError naming the worker; the
+    store stays readable with nothing of the source committed, and a re-run completes it."""
+    import os
+    import signal
+
+    import dask
+    from distributed import Client, LocalCluster
+
+    tif = write_tif(tmp_path / "big.tif", textured(256, 256, seed=11), block=64)  # 16 block tasks
+    store = tmp_path / "lost.zarr"
+    opts = dict(model=RANDOM, tiling=TILING, raster=RasterOptions(chunk=64))
+    killed: list[str] = []
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), \
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                         dashboard_address=None) as cluster, Client(cluster) as client:
+        pids = client.run(os.getpid)
+
+        def kill_a_busy_worker(done: int, total: int, rate: float) -> None:
+            if killed:
+                return
+            busy = [a for a, ks in client.processing().items() if any("fingerprint-" in str(k) for k in ks)]
+            if busy:
+                os.kill(pids[busy[0]], signal.SIGKILL)
+                killed.append(busy[0])
+
+        with pytest.raises(dask_fp.ClusterError) as info:
+            dask_fp.ingest([str(tif)], str(store), client=client, progress=kill_a_busy_worker, **opts)
+        msg = str(info.value)
+        # Dask reports it as KilledWorker for the task, or as its dependent's future cancelled
+        assert killed and "worker died" in msg and "store is intact" in msg
+        assert "damaged" not in msg and "is the file complete" not in msg.lower()
+        assert dask_fp.open_store(store).committed == 0
+        client.wait_for_workers(2, timeout=120)
+        rep = dask_fp.ingest([str(tif)], str(store), client=client, progress=False, **opts)
+    assert rep.tiles == dask_fp.open_store(store).committed == 7 * 7
+
+
+def test_lost_results_are_cluster_errors_and_killed_worker_names_the_worker():
+    """The ways a task's result goes missing without the task itself failing: the connection to the
+    cluster closes, the scheduler cancels the future; and Dask's KilledWorker, with its numbers."""
+    from distributed.client import FutureCancelledError
+    from distributed.comm.core import CommClosedError
+
+    from dask_fp.pipeline import describe_failure
+
+    for e in (CommClosedError("in <TCP (closed)>: Stream is closed"),
+              FutureCancelledError("fingerprint-abc", "scheduler-connection-lost")):
+        got = describe_failure(e, "a.tif: block (0, 0)")
+        assert isinstance(got, dask_fp.ClusterError) and "result was lost" in str(got) and "worker died" in str(got)
+        assert "a.tif: block (0, 0)" in str(got) and "is the file complete" not in str(got).lower()
+    from distributed.core import Status
+    from distributed.scheduler import KilledWorker, WorkerState
+
+    ws = WorkerState(address="tcp://10.0.0.7:4001", status=Status.running, pid=1, name="w7", nthreads=1,
+                     memory_limit=0, local_directory="", nanny=None, server_id="w7")
+    got = describe_failure(KilledWorker("fingerprint-abc", ws, 3), "a.tif: block (0, 0)")
+    assert isinstance(got, dask_fp.ClusterError) and "a worker died running it" in str(got)
+    assert "ran it on 4 worker(s)" in str(got) and "tcp://10.0.0.7:4001" in str(got) and "= 3" in str(got)
+    bad = describe_failure(ValueError("TIFFReadEncodedTile() failed"), "a.tif: block (0, 0)")
+    assert isinstance(bad, dask_fp.RasterError) and "Is the file complete" in str(bad)

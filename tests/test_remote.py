@@ -15,8 +15,9 @@ from conftest import textured
 import dask_fp
 from dask_fp.errors import RasterError
 from dask_fp.inputs import gdal_path
+from dask_fp.inspection import inspect_raster
 from dask_fp.models import ModelOptions
-from dask_fp.raster import inspect_raster, open_raster, read_window
+from dask_fp.raster import open_raster, read_window
 from dask_fp.tiling import Tiling
 
 RANDOM = ModelOptions("resnet18", weights="random", seed=7, threads=1)

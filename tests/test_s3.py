@@ -20,7 +20,7 @@ from test_remote import RANDOM, TILING, write_cog
 import dask_fp
 from dask_fp.errors import RasterError
 from dask_fp.inputs import file_sha256
-from dask_fp.raster import inspect_raster
+from dask_fp.inspection import inspect_raster
 from dask_fp.s3 import S3Settings, s3_client, s3_settings, s3_sha256, split_vsis3
 
 pytest.importorskip("boto3", reason="pip install 'dask-fp[s3]'")

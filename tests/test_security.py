@@ -77,7 +77,8 @@ class _Evil:
 
 
 def test_weights_are_hashed_before_loading_and_loaded_weights_only(tmp_path):
-    from dask_fp.models import LoadedModel, ModelOptions, ResolvedWeights, get_spec, resolve_weights
+    from dask_fp.embedder import LoadedModel
+    from dask_fp.models import ModelOptions, ResolvedWeights, get_spec, resolve_weights
 
     marker = tmp_path / "pwned"
     evil = tmp_path / "resnet18-f37072fd.pth"

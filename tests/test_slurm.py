@@ -29,7 +29,7 @@ from conftest import textured, write_tif
 
 import dask_fp
 from dask_fp.cluster import ClusterOptions, get_client
-from dask_fp.raster import RasterOptions
+from dask_fp.inspection import RasterOptions
 
 pytestmark = [pytest.mark.slurm, pytest.mark.network]  # SLURM comes from Debian's packages when missing
 

@@ -40,7 +40,8 @@ def _area(req: SearchRequest) -> Any:
 
 def run_query(store: Store, index: TileIndex, req: SearchRequest) -> Hits:
     """Run one page query: every positive and negative combined into one query (or one classifier)."""
-    import dask_fp
+    from ..classify import classify
+    from ..search import search
 
     for u in (*req.positives, *req.negatives):
         if not index.has(u):
@@ -51,10 +52,10 @@ def run_query(store: Store, index: TileIndex, req: SearchRequest) -> Hits:
     if req.mode == "classify":
         if len(req.positives) < 1 or len(req.negatives) < 1:
             raise QueryError("classifier mode needs at least one positive and one negative example.")
-        return dask_fp.classify(store, positives=list(req.positives), negatives=list(req.negatives), k=req.k,
-                                threshold=req.threshold, area=area)
-    return dask_fp.search(store, positives=list(req.positives), negatives=list(req.negatives), k=req.k,
-                          area=area)
+        return classify(store, positives=list(req.positives), negatives=list(req.negatives), k=req.k,
+                        threshold=req.threshold, area=area)
+    return search(store, positives=list(req.positives), negatives=list(req.negatives), k=req.k,
+                  area=area)
 
 
 def _num(v: Any) -> float | None:
