@@ -171,7 +171,7 @@ class Pipeline:
         tasks on the scheduler for as long as this object lives, which after a
         failure is until garbage collection frees the traceback's frames.
         """
-        for held in (self.futs, self.writes, self.chain, self.kind):
+        for held in (self.futs, self.summaries, self.writes, self.chain, self.kind):
             held.clear()
         self.pending = []
         self.ac.clear()
