@@ -28,7 +28,7 @@ from .index import Index, choose_method, code_search
 from .kernels import RowFilter, candidates_needed, dedup_mask
 from .models import ModelOptions
 from .query import Query, image_queries, lonlat_queries, store_tiling, uid_queries
-from .scan import knn, read_hits, store_knn
+from .scan import knn, store_hits, store_knn
 from .store import Store, open_store
 from .tiling import Tiling
 
@@ -193,7 +193,7 @@ def search(
     def run() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if how == "codes":
             d, r = code_search(st, vecs, m, index=index, candidates=candidates, split_every=split_every)
-            return d, r, read_hits(st, r)
+            return d, r, store_hits(st, r)
         blocks = None if where is None else candidate_blocks(st, where, st.fingerprints().chunks[0])
         return store_knn(st, vecs, m, split_every=split_every, where=where, columns=filter_columns(st, where),
                          blocks=blocks)

@@ -428,6 +428,16 @@ def test_search_names_its_method_and_codes_hits_equal_exact(api_ix: Any, indexed
     assert codes.json()["method"] == "codes" and "distances are exact" in codes.json()["method_detail"]
     assert _hits(codes) == exact
     assert len(exact) == 9
+    # hits' columns (from the persisted store's memory with codes) give the same outlines and properties
+    assert codes.json()["hits"] == auto.json()["hits"]
+
+
+def test_search_refuses_another_stores_index(indexed: Any, built: Any) -> None:
+    from dask_fp import QueryError, open_index
+
+    with pytest.raises(QueryError, match="index given is"):
+        search(open_store(built.path), uids=[int(make_uid(0, 4, 6))], k=3, method="exact",
+               index=open_index(indexed.path))
 
 
 def test_auto_follows_the_librarys_rule(api_ix: Any, indexed: Any, monkeypatch: pytest.MonkeyPatch) -> None:
