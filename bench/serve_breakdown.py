@@ -12,7 +12,8 @@ route calls:
 - ``code_scan``: the distributed Hamming pass (``index.code_candidates``);
 - ``rerank``: the candidates' rows read by ``pread`` and re-ranked (``index.rerank``);
 - ``exact_scan``: the exact reduction over the persisted store (``scan.store_knn``, with the hits' columns);
-- ``hit_columns``: the codes hits' coordinate columns read from the store (``scan.read_hits``);
+- ``hit_columns``: the codes hits' coordinate columns, from cluster memory (``scan.store_hits``, what
+  ``search`` calls), and for reference ``hit_columns_from_zarr``, read from the store (``scan.read_hits``);
 - ``dedup``: de-duplication and the hits table (``search.hit_table``);
 - ``outlines``: the hits as GeoJSON features for the map (``serve.results.hits_features``);
 - ``search_codes`` / ``search_exact``: the whole library call, for comparison with the sum.
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from dask_fp.index import code_candidates, default_candidates, rerank
     from dask_fp.kernels import candidates_needed
     from dask_fp.query import store_tiling
-    from dask_fp.scan import read_hits, store_knn
+    from dask_fp.scan import read_hits, store_hits, store_knn
     from dask_fp.search import hit_table
     from dask_fp.serve.locate import TileIndex
     from dask_fp.serve.results import hits_features
@@ -97,7 +98,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             vecs = q.vector[None, :].astype(np.float32)
             cand = timed("code_scan", code_candidates, idx.codes(), encode(vecs, idx.params), cands)
             d, r = timed("rerank", rerank, st, vecs, cand, m)
-            rec = timed("hit_columns", read_hits, st, r)
+            rec = timed("hit_columns", store_hits, st, r)
+            timed("hit_columns_from_zarr", read_hits, st, r)
             table = timed("dedup", hit_table, [q], d, r, rec, st, k=K, tiling=tiling, dedup=True, include_self=False)
             timed("outlines", hits_features, tiles, dask_fp.Hits(table, [q], st))
             timed("exact_scan", store_knn, st, vecs, m)
