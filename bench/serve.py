@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import threading
@@ -63,8 +62,9 @@ K = 20
 def start_server(app: Any) -> tuple[str, Any]:
     import uvicorn
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
+    from dask_fp.serve.run import listen_socket
+
+    sock = listen_socket("127.0.0.1", 0)  # as `dask-fp serve` listens
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
     while not server.started:

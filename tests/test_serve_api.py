@@ -473,3 +473,30 @@ def test_codes_without_an_index_is_a_clear_400(api: Any) -> None:
     assert r.status_code == 400 and "dask-fp index" in r.json()["detail"]
     r = api.post("/api/search", json={"positives": [uid], "k": 3, "method": "fast"})
     assert r.status_code == 422 and "method" in r.json()["detail"]
+
+
+def test_served_connections_send_without_delay() -> None:
+    """The socket ``dask-fp serve`` listens on is TCP (proto), so the connections asyncio (uvicorn) accepts on
+    it get TCP_NODELAY: a response's header and body writes do not wait for the client's delayed ACK."""
+    import asyncio
+    import socket
+
+    from dask_fp.serve.run import listen_socket
+
+    async def accepted_nodelay() -> int:
+        got: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport: Any) -> None:
+                got.set_result(transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+        sock = listen_socket("127.0.0.1", 0)
+        assert sock.proto == socket.IPPROTO_TCP
+        server = await asyncio.get_running_loop().create_server(Probe, sock=sock)
+        async with server:
+            _, writer = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+            value = await asyncio.wait_for(got, 10)
+            writer.close()
+        return value
+
+    assert asyncio.run(accepted_nodelay()) != 0
