@@ -91,13 +91,19 @@ class Fresh:
         return make_queries(self.n, seed=self.seed, rep=self.calls)
 
 
-def build_store(path: Path, n: int, *, seed: int, log: Callable[[str], None]) -> tuple[Any, float]:
-    """A store of ``n`` random fingerprints at ``path``; reused when it already holds them."""
+def build_store(path: Path, n: int, *, seed: int, log: Callable[[str], None],
+                block: Callable[[int, int], np.ndarray] | None = None, tag: str = "random") -> tuple[Any, float]:
+    """A store of ``n`` random fingerprints at ``path``; reused when it already holds them.
+
+    ``block(rows, start)`` makes other fingerprints (512-d float32) than :func:`fingerprint_block`'s;
+    ``tag`` names them in the source's sha256 field, so a store is reused only for the same data.
+    """
     from dask_fp.errors import StoreError
     from dask_fp.store import open_store, open_writer
     from dask_fp.tiling import make_uid
 
-    sha = f"bench-random-{n}-seed{seed}"
+    sha = f"bench-{tag}-{n}-seed{seed}"
+    make = block or (lambda rows, start: fingerprint_block(rows, start, seed=seed))
     if path.exists():
         try:
             st = open_store(path)
@@ -115,7 +121,7 @@ def build_store(path: Path, n: int, *, seed: int, log: Callable[[str], None]) ->
     ny = math.ceil(n / nx)
     tile, stride = 256, 128
     entry = {
-        "index": 0, "path": f"random fingerprints ({n} rows, seed {seed})", "sha256": sha,
+        "index": 0, "path": f"{tag} fingerprints ({n} rows, seed {seed})", "sha256": sha,
         "crs": None, "crs_name": None, "transform": [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0],
         "shape": [(ny - 1) * stride + tile, (nx - 1) * stride + tile], "bands": [1, 2, 3],
         "alpha": None, "nodata": None, "scale": None, "dtype": "uint8",
@@ -128,7 +134,7 @@ def build_store(path: Path, n: int, *, seed: int, log: Callable[[str], None]) ->
             wy, wx = (r // nx).astype(np.int32), (r % nx).astype(np.int32)
             x = wx * stride + tile / 2
             y = wy * stride + tile / 2
-            yield {"fingerprint": fingerprint_block(m, start, seed=seed), "uid": make_uid(0, wy, wx),
+            yield {"fingerprint": make(m, start), "uid": make_uid(0, wy, wx),
                    "source": np.zeros(m, np.int32), "wy": wy, "wx": wx, "x": x, "y": y,
                    "lon": np.full(m, np.nan), "lat": np.full(m, np.nan)}
 

@@ -39,6 +39,7 @@ from .filters import is_vector_file, read_vector, rows_where
 from .kernels import RowFilter
 from .models import ModelOptions
 from .query import Query, image_queries, lonlat_queries
+from .query import uid_rows as rows_of_uids
 from .store import Store
 
 Example = Any  # int | str | os.PathLike | tuple[float, float] | shapely geometry
@@ -122,7 +123,8 @@ def _split(examples: Sequence[Example], what: str) -> tuple[list[int], list[str]
 
 
 def uid_rows(store: Store, uids: Sequence[int]) -> np.ndarray:
-    """Store rows of tiles by uid (one read of the uid column); unknown uids are a QueryError."""
+    """Store rows of tiles by uid (:func:`dask_fp.query.uid_rows`: the uid rows of their sources only,
+    read once per opened store); unknown uids are a QueryError."""
     from .tiling import split_uid
 
     if not len(uids):
@@ -130,18 +132,15 @@ def uid_rows(store: Store, uids: Sequence[int]) -> np.ndarray:
     for u in uids:
         if not 0 <= int(u) < 2**63:
             raise QueryError(f"uid {u} is not a tile uid (uids are whole numbers from 0 to 2**63 - 1).")
-    all_uids = np.asarray(store.arrays["uid"][: store.committed])
-    order = np.argsort(all_uids, kind="stable")
     want = np.asarray(uids, dtype=np.int64)
-    pos = np.searchsorted(all_uids[order], want)
-    pos = np.minimum(pos, len(order) - 1) if len(order) else pos
-    found = (all_uids[order][pos] == want) if len(order) else np.zeros(len(want), bool)
+    rows = rows_of_uids(store, want.tolist())
+    found = rows >= 0
     if not found.all():
         u = int(want[~found][0])
         s, y, x = (int(v) for v in split_uid(u))
         raise QueryError(f"uid {u} (source {s}, window {y},{x}) is not in {store.path}; list uids with"
                          " xarray.open_zarr(store).uid or give the example as a lon/lat point.")
-    return order[pos].astype(np.int64)
+    return rows
 
 
 def resolve(store: Store, examples: Sequence[Example], *, what: str = "positive",
@@ -162,7 +161,7 @@ def resolve(store: Store, examples: Sequence[Example], *, what: str = "positive"
         rows.append(r)
     allrows = np.unique(np.concatenate(rows)) if rows else np.empty(0, np.int64)
     c = store.coords(allrows)
-    vecs = (np.asarray(store.arrays["fingerprint"].get_orthogonal_selection(allrows), dtype=np.float32)
+    vecs = (np.asarray(store.read("fingerprint", allrows), dtype=np.float32)  # one pread per row (store.rows)
             if allrows.size else np.empty((0, store.dim), np.float32))
     iq = image_queries(store, images, model)
     if iq:

@@ -159,33 +159,39 @@ def uid_queries(store: Store, uids: Sequence[int]) -> list[Query]:
     return out
 
 
-def uid_rows(store: Store, uids: Sequence[int], cache: dict[int, np.ndarray] | None = None) -> np.ndarray:
+UidIndex = dict[int, tuple[np.ndarray, np.ndarray]]
+
+
+def uid_rows(store: Store, uids: Sequence[int], cache: UidIndex | None = None) -> np.ndarray:
     """Row of each uid in ``store`` (-1 where it is not stored).
 
     Each distinct source's ``[start, stop)`` rows of the uid column are read
-    once (kept in ``cache`` if given): the cost grows with the sources asked
-    about, not with the store.
+    once and kept sorted, with their order, in ``cache`` (default: the store's
+    :attr:`~dask_fp.store.Store.uid_cache`, so repeated queries on one opened
+    store read and sort nothing): the cost grows with the sources asked about,
+    not with the store.
     """
     u = np.asarray(uids, dtype=np.int64)
     out = np.full(u.shape, -1, dtype=np.int64)
     if u.size == 0:
         return out
     ranges = store.source_rows()
-    cache = {} if cache is None else cache
+    cache = store.uid_cache if cache is None else cache
     src = split_uid(u)[0]
     for s in np.unique(src):
         if not 0 <= s < len(ranges):
             continue
         lo, hi = (int(v) for v in ranges[s])
         if int(s) not in cache:
-            cache[int(s)] = store.read("uid", slice(lo, hi))
-        col = cache[int(s)]
-        if len(col) == 0:
+            col = store.read("uid", slice(lo, hi))
+            order = np.argsort(col, kind="stable")
+            cache[int(s)] = (col[order], order)
+        ordered, order = cache[int(s)]
+        if len(ordered) == 0:
             continue
-        order = np.argsort(col, kind="stable")
         sel = np.flatnonzero(src == s)
-        pos = np.minimum(np.searchsorted(col, u[sel], sorter=order), len(col) - 1)
-        found = col[order[pos]] == u[sel]
+        pos = np.minimum(np.searchsorted(ordered, u[sel]), len(ordered) - 1)
+        found = ordered[pos] == u[sel]
         out[sel[found]] = lo + order[pos[found]]
     return out
 
@@ -213,14 +219,13 @@ def lonlat_queries(store: Store, points: Sequence[tuple[float, float]]) -> list[
     sources = [s for s in store.sources if s.get("crs")]
     boxes = [source_bbox(s) for s in sources]
     transformers: dict[str, Any] = {}
-    cache: dict[int, np.ndarray] = {}
     out = []
     for lon, lat in points:
         best: tuple[float, int] | None = None
         for src, box in zip(sources, boxes, strict=True):
             if box is not None and not in_bbox(box, lon, lat):
                 continue
-            hit = _nearest_stored(store, src, lon, lat, tiling, transformers, cache)
+            hit = _nearest_stored(store, src, lon, lat, tiling, transformers)
             if hit is not None and (best is None or hit < best):
                 best = hit
         if best is None:
@@ -234,7 +239,7 @@ def lonlat_queries(store: Store, points: Sequence[tuple[float, float]]) -> list[
 
 def _nearest_stored(
     store: Store, src: dict[str, Any], lon: float, lat: float, tiling: Tiling,
-    transformers: dict[str, Any], cache: dict[int, np.ndarray],
+    transformers: dict[str, Any],
 ) -> tuple[float, int] | None:
     """(normalised squared distance to the centre, row) of the source's nearest stored window at the point."""
     from pyproj import Transformer
@@ -253,7 +258,7 @@ def _nearest_stored(
     if not wins:
         return None
     wy, wx = (np.array(v, dtype=np.int64) for v in zip(*wins, strict=True))
-    rows = uid_rows(store, make_uid(int(src["index"]), wy, wx).tolist(), cache)
+    rows = uid_rows(store, make_uid(int(src["index"]), wy, wx).tolist())
     for (y0, x0), r in zip(wins, rows, strict=True):
         if r >= 0:
             d = ((y0 * tiling.stride + tiling.tile / 2 - row) ** 2

@@ -299,6 +299,52 @@ def read_hits(store: Store, rows: np.ndarray, names: Sequence[str] = HIT_COLUMNS
     return hit_records(names, [store.read(n, flat) for n in names], inv.reshape(rows.shape))
 
 
+def _take_rows(rows: Sequence[np.ndarray], *blocks: np.ndarray) -> np.ndarray:
+    return np.concatenate([b[r] for b, r in zip(blocks, rows, strict=True)])
+
+
+def store_hits(store: Store, rows: np.ndarray) -> np.ndarray:
+    """The :data:`HIT_COLUMNS` records at ``rows`` (any shape), like :func:`read_hits`.
+
+    From a persisted store they are taken from its per-tile columns in cluster
+    memory (:meth:`Store.tiles`): one task per worker that holds blocks with
+    those rows, instead of decoding every Zarr chunk of eight columns that the
+    rows touch (hits found outside the scan's reduction: compact codes).
+    """
+    if not store.persisted:
+        return read_hits(store, rows)
+    from dask.core import flatten
+    from distributed import futures_of
+
+    rows = np.asarray(rows, dtype=np.int64)
+    flat, inv = np.unique(rows, return_inverse=True)
+    tiles = store.tiles()
+    futures = {f.key: f for f in futures_of(tiles)}
+    if flat.size == 0 or not futures:  # no rows, or persisted by a local scheduler (blocks in the graph)
+        return np.asarray(tiles[flat].compute())[inv].reshape(rows.shape)
+    if flat[-1] >= tiles.shape[0] or flat[0] < 0:
+        raise IndexError(f"rows out of range 0..{tiles.shape[0] - 1} of {store.path}")
+    keys = list(flatten(tiles.__dask_keys__()))
+    bounds = np.cumsum((0, *tiles.chunks[0]))
+    blk = np.searchsorted(bounds, flat, side="right") - 1
+    need = [int(b) for b in np.unique(blk)]
+    client = next(iter(futures.values())).client
+    held = client.who_has([futures[keys[b]] for b in need])
+    groups: dict[Any, list[int]] = {}
+    for b in need:
+        groups.setdefault(next(iter(held.get(keys[b]) or [None])), []).append(b)
+    tasks, order = [], []
+    for worker, bs in groups.items():
+        tasks.append(client.submit(_take_rows, [flat[blk == b] - bounds[b] for b in bs],
+                                   *[futures[keys[b]] for b in bs], pure=False,
+                                   workers=None if worker is None else [worker],
+                                   allow_other_workers=worker is not None))
+        order += [np.flatnonzero(blk == b) for b in bs]
+    out = np.empty(len(flat), dtype=tiles.dtype)
+    out[np.concatenate(order)] = np.concatenate(client.gather(tasks))
+    return out[inv].reshape(rows.shape)
+
+
 def store_knn(store: Store, queries: np.ndarray, m: int, *, split_every: int | None = None,
               where: RowFilter | None = None, columns: Sequence[Any] | None = None,
               blocks: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -24,11 +24,11 @@ from .errors import DaskFpError, QueryError, StoreError
 from .examples import BETA, Example, as_examples, combined_query
 from .filters import Area, candidate_blocks, filter_columns, make_filter
 from .hits import TABLE_COLUMNS, Hits
-from .index import choose_method, code_search
+from .index import Index, choose_method, code_search
 from .kernels import RowFilter, candidates_needed, dedup_mask
 from .models import ModelOptions
 from .query import Query, image_queries, lonlat_queries, store_tiling, uid_queries
-from .scan import knn, read_hits, store_knn
+from .scan import knn, store_hits, store_knn
 from .store import Store, open_store
 from .tiling import Tiling
 
@@ -117,6 +117,7 @@ def search(
     split_every: int | None = None,
     method: str = "auto",
     candidates: int | None = None,
+    index: Index | None = None,
 ) -> Hits:
     """k nearest tiles for a batch of queries, in one pass over the store.
 
@@ -162,6 +163,9 @@ def search(
         ``auto``: codes for large stores with an index (:func:`dask_fp.index.choose_method`).
     candidates : int, optional
         Rows re-ranked exactly per query with ``codes`` (default :func:`dask_fp.index.default_candidates`).
+    index : Index, optional
+        The store's opened index (e.g. :meth:`~dask_fp.index.Index.persist`-ed, so its codes stay in
+        cluster memory between queries); opened from the store for each query when None.
     """
     if not isinstance(k, int | np.integer) or isinstance(k, bool) or k < 1:
         raise QueryError(f"k must be a whole number >= 1, got {k!r}")
@@ -183,11 +187,13 @@ def search(
     vecs = np.stack([q.vector for q in qs]).astype(np.float32)
 
     how = choose_method(st, method, filtered=where is not None)
+    if index is not None and index.store.path.resolve() != st.path.resolve():
+        raise QueryError(f"the index given is {index.store.path}'s, not {st.path}'s; open the store's own index.")
 
     def run() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if how == "codes":
-            d, r = code_search(st, vecs, m, candidates=candidates, split_every=split_every)
-            return d, r, read_hits(st, r)
+            d, r = code_search(st, vecs, m, index=index, candidates=candidates, split_every=split_every)
+            return d, r, store_hits(st, r)
         blocks = None if where is None else candidate_blocks(st, where, st.fingerprints().chunks[0])
         return store_knn(st, vecs, m, split_every=split_every, where=where, columns=filter_columns(st, where),
                          blocks=blocks)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -15,9 +14,9 @@ def running_server(app: Any) -> Iterator[str]:
     """Serve ``app`` with uvicorn on a free 127.0.0.1 port; yields the base URL."""
     import uvicorn
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    from dask_fp.serve.run import listen_socket
+
+    sock = listen_socket("127.0.0.1", 0)  # as `dask-fp serve` listens
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", limit_concurrency=256))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

@@ -16,7 +16,7 @@ import pytest
 from dask_fp.errors import StoreError
 from dask_fp.filters import candidate_blocks
 from dask_fp.kernels import RowFilter, hit_records, hits_merge, knn_merge, top_m, top_m_hits
-from dask_fp.scan import HIT_COLUMNS, read_hits, store_knn, stream_knn
+from dask_fp.scan import HIT_COLUMNS, read_hits, store_hits, store_knn, stream_knn
 from dask_fp.search import Query, search
 from dask_fp.store import open_store
 from dask_fp.stream import _split
@@ -192,6 +192,39 @@ def test_persisted_hits_carry_their_columns_and_read_no_column(client, built, tm
     np.testing.assert_array_equal(again.table["row"].to_numpy(), er[0, :5])
     with pytest.raises(StoreError, match="damaged"):  # the streamed read of the same rows needs the files
         read_hits(open_store(path), r)
+
+
+def test_store_hits_of_a_persisted_store_come_from_memory(client, built, tmp_path):
+    from distributed import futures_of, wait
+
+    """store_hits on a persisted store (distributed: one task per worker holding the rows' blocks; local
+    scheduler: blocks in the graph) equals the columns as stored, for any shape of rows with repeats;
+    the column files are gone from disk meanwhile, so nothing is read from them."""
+    path = tmp_path / "copy"
+    shutil.copytree(built.path, path)
+    rng = np.random.default_rng(3)
+    n = len(built.cols["uid"])
+    rows = rng.integers(0, n, (3, 40))
+    rows[1, :5] = rows[0, :5]  # repeats across queries
+    rows[2, -1] = n - 1
+    with dask.config.set(scheduler=client):
+        st = _open(path).persist()
+        assert len(st.tiles().chunks[0]) > 2  # rows spread over several blocks (and both workers)
+        wait(futures_of(st.tiles()))
+        for name in HIT_COLUMNS:
+            shutil.rmtree(path / name / "c")
+        got = store_hits(st, rows)
+        empty = store_hits(st, np.empty((2, 0), np.int64))
+        with pytest.raises(IndexError, match="out of range"):
+            store_hits(st, np.array([n]))
+    assert got.dtype == read_hits(open_store(built.path), rows).dtype
+    assert got.shape == rows.shape and empty.shape == (2, 0)
+    for name in HIT_COLUMNS:
+        np.testing.assert_array_equal(got[name], built.cols[name][rows], err_msg=name)
+    with dask.config.set(scheduler="threads"):
+        local = store_hits(_open(built.path).persist(), rows)
+    for name in HIT_COLUMNS:
+        np.testing.assert_array_equal(local[name], got[name], err_msg=name)
 
 
 def test_streamed_scan_of_a_damaged_store_names_the_missing_file(client, built, tmp_path):

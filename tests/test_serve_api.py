@@ -358,3 +358,145 @@ def test_tiles_do_not_wait_for_queued_queries(built: Any, client: Any) -> None:
             f.result()
     assert r.status_code == 200
     assert done["thumbnail"] < max(v for k, v in done.items() if k.startswith("search")), done
+
+
+# ---------------------------------------------------------------- search method (exact / compact codes)
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory: pytest.TempPathFactory, client: Any) -> Any:
+    """A small store (64-d fingerprints) with a compact-code index built by the library."""
+    from dask_fp.index import IndexOptions, build_index
+
+    b = raster_store(tmp_path_factory.mktemp("serve-index"), size=(512, 640), dim=64)
+    build_index(b.path, IndexOptions(nbits=64), client=client)
+    return b
+
+
+@pytest.fixture(scope="module")
+def api_ix(indexed: Any, client: Any) -> Any:
+    from dask_fp.serve.run import load
+
+    st = open_store(indexed.path)
+    code_index = load(st, persist=True, log=lambda m: None)
+    with TestClient(create_app(st, code_index=code_index)) as c:
+        yield c
+
+
+def _hits(r: Any) -> list[tuple[int, float]]:
+    assert r.status_code == 200, r.text
+    return [(int(f["properties"]["uid"]), f["properties"]["distance"]) for f in r.json()["hits"]["features"]]
+
+
+def test_serve_load_persists_fingerprints_and_codes(indexed: Any, client: Any) -> None:
+    from distributed import futures_of
+
+    from dask_fp.serve.run import load
+
+    said: list[str] = []
+    st = open_store(indexed.path)
+    idx = load(st, persist=True, log=said.append)
+    assert idx is not None and idx.indexed == st.committed
+    assert st.persisted and futures_of(idx.codes())  # the codes are held by the cluster, like the fingerprints
+    assert any("scan every fingerprint exactly (the index is used from" in m for m in said), said
+    st2 = open_store(indexed.path)
+    idx2 = load(st2, persist=False, log=said.append)
+    assert idx2 is not None and not st2.persisted and not futures_of(idx2.codes())
+
+
+def test_serve_load_without_an_index(built: Any) -> None:
+    from dask_fp.serve.run import load
+
+    said: list[str] = []
+    assert load(open_store(built.path), persist=False, log=said.append) is None
+    assert said == ["serve: searches scan every fingerprint exactly"]
+
+
+def test_search_names_its_method_and_codes_hits_equal_exact(api_ix: Any, indexed: Any) -> None:
+    """On a small store ``auto`` is exact (as in the library); ``codes`` re-ranks every row here, so its
+    hits and distances equal the exact search's; the response says which method ran."""
+    info = api_ix.get("/api/info").json()
+    st = open_store(indexed.path)
+    assert info["method"] == "exact" and info["index"] == {"rows": st.committed, "bits": 64}
+    uid = int(make_uid(0, 4, 6))
+    want = search(st, positives=[uid], k=9, method="exact")
+    exact = [(int(u), float(d)) for u, d in zip(want.table["uid"], want.table["distance"], strict=True)]
+    auto = api_ix.post("/api/search", json={"positives": [str(uid)], "k": 9})
+    assert auto.json()["method"] == "exact" and "exact scan" in auto.json()["method_detail"]
+    assert _hits(auto) == exact
+    codes = api_ix.post("/api/search", json={"positives": [str(uid)], "k": 9, "method": "codes"})
+    assert codes.json()["method"] == "codes" and "distances are exact" in codes.json()["method_detail"]
+    assert _hits(codes) == exact
+    assert len(exact) == 9
+    # hits' columns (from the persisted store's memory with codes) give the same outlines and properties
+    assert codes.json()["hits"] == auto.json()["hits"]
+
+
+def test_search_refuses_another_stores_index(indexed: Any, built: Any) -> None:
+    from dask_fp import QueryError, open_index
+
+    with pytest.raises(QueryError, match="index given is"):
+        search(open_store(built.path), uids=[int(make_uid(0, 4, 6))], k=3, method="exact",
+               index=open_index(indexed.path))
+
+
+def test_auto_follows_the_librarys_rule(api_ix: Any, indexed: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``auto`` picks codes above index.AUTO_CODES_ROWS rows (lowered here so a small store crosses it),
+    exact with an area; codes with an area, codes for the classifier, are refused with a 400."""
+    from shapely.geometry import box
+
+    import dask_fp.index
+
+    monkeypatch.setattr(dask_fp.index, "AUTO_CODES_ROWS", 10)
+    assert api_ix.get("/api/info").json()["method"] == "codes"
+    uid = str(int(make_uid(0, 4, 6)))
+    r = api_ix.post("/api/search", json={"positives": [uid], "k": 5})
+    assert r.json()["method"] == "codes"
+    assert _hits(r) == _hits(api_ix.post("/api/search", json={"positives": [uid], "k": 5, "method": "exact"}))
+    w, s, e, n = api_ix.get("/api/info").json()["sources"][0]["bounds"]
+    area = box(w, s, (w + e) / 2, n).__geo_interface__
+    assert api_ix.post("/api/search", json={"positives": [uid], "k": 5, "area": area}).json()["method"] == "exact"
+    bad = api_ix.post("/api/search", json={"positives": [uid], "k": 5, "area": area, "method": "codes"})
+    assert bad.status_code == 400 and "exact scan" in bad.json()["detail"]
+    neg = str(int(make_uid(0, 8, 8)))
+    c = api_ix.post("/api/search", json={"positives": [uid], "negatives": [neg], "mode": "classify", "method": "codes"})
+    assert c.status_code == 400 and "classifier" in c.json()["detail"]
+    c = api_ix.post("/api/search", json={"positives": [uid], "negatives": [neg], "mode": "classify"})
+    assert c.status_code == 200 and c.json()["method"] == "classifier"
+
+
+def test_codes_without_an_index_is_a_clear_400(api: Any) -> None:
+    assert api.get("/api/info").json()["index"] is None
+    uid = str(int(make_uid(0, 4, 6)))
+    assert api.post("/api/search", json={"positives": [uid], "k": 3}).json()["method"] == "exact"
+    r = api.post("/api/search", json={"positives": [uid], "k": 3, "method": "codes"})
+    assert r.status_code == 400 and "dask-fp index" in r.json()["detail"]
+    r = api.post("/api/search", json={"positives": [uid], "k": 3, "method": "fast"})
+    assert r.status_code == 422 and "method" in r.json()["detail"]
+
+
+def test_served_connections_send_without_delay() -> None:
+    """The socket ``dask-fp serve`` listens on is TCP (proto), so the connections asyncio (uvicorn) accepts on
+    it get TCP_NODELAY: a response's header and body writes do not wait for the client's delayed ACK."""
+    import asyncio
+    import socket
+
+    from dask_fp.serve.run import listen_socket
+
+    async def accepted_nodelay() -> int:
+        got: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport: Any) -> None:
+                got.set_result(transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+        sock = listen_socket("127.0.0.1", 0)
+        assert sock.proto == socket.IPPROTO_TCP
+        server = await asyncio.get_running_loop().create_server(Probe, sock=sock)
+        async with server:
+            _, writer = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+            value = await asyncio.wait_for(got, 10)
+            writer.close()
+        return value
+
+    assert asyncio.run(accepted_nodelay()) != 0

@@ -61,6 +61,7 @@ def test_click_label_refine_area_export(tmp_path: Path, shots: Path, client: Any
         page.on("request", lambda r: None if r.url.startswith((url, "data:", "blob:")) else external.append(r.url))
         page.goto(url)
         page.wait_for_selector("body[data-ready='1']", timeout=30_000)
+        expect(page.locator("#method")).to_contain_text("Searches: exact search (no compact-code index)")
         expect(page.locator("#dashboard")).to_have_attribute("href", client.dashboard_link)
         page.wait_for_function("document.querySelectorAll('#map .leaflet-tile-loaded').length > 0", timeout=30_000)
         page.screenshot(path=str(shots / "1-map.png"))
@@ -69,6 +70,9 @@ def test_click_label_refine_area_export(tmp_path: Path, shots: Path, client: Any
         _click_lonlat(page, lon, lat)
         expect(page.locator("#hits li")).to_have_count(20, timeout=60_000)
         expect(page.locator("#status")).to_contain_text("20 hits")
+        # the side panel names the search method that ran (a small store without an index: exact)
+        expect(page.locator("#method")).to_have_attribute("data-method", "exact")
+        expect(page.locator("#method")).to_contain_text("exact scan of every stored fingerprint")
         first_uid = page.locator("#hits li").first.get_attribute("data-uid")
         assert first_uid is not None and int(first_uid) != uid  # the query's own tile is not a hit
         n_geo = sum(1 for li in page.locator("#hits li").all() if int(li.get_attribute("data-uid") or 0) >> 42 == 0)

@@ -26,6 +26,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import DaskFpError, QueryError, RasterError
+from ..index import Index, choose_method, has_index, open_index
 from ..store import Store
 from . import render
 from .locate import TileIndex
@@ -76,11 +77,20 @@ class SearchRequest(BaseModel):
     area: Geometry | None = None
     mode: Literal["search", "classify"] = "search"
     threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    method: Literal["auto", "exact", "codes"] = "auto"
 
 
-def create_app(store: Store, options: ServeOptions = ServeOptions()) -> FastAPI:
-    """The FastAPI app serving ``store``'s map page and its JSON/PNG API."""
+def create_app(store: Store, options: ServeOptions = ServeOptions(), *, code_index: Index | None = None) -> FastAPI:
+    """The FastAPI app serving ``store``'s map page and its JSON/PNG API.
+
+    Searches choose exact or compact-code search as the library does
+    (:func:`dask_fp.index.choose_method`); ``code_index`` is the store's index,
+    opened and usually persisted by :func:`~dask_fp.serve.serve` (opened here,
+    once, when None and the store has one).
+    """
     index = TileIndex(store)
+    if code_index is None and has_index(store):
+        code_index = open_index(store)
     tile_pool = ThreadPoolExecutor(options.tile_threads, thread_name_prefix="dask-fp-tiles")
     query_pool = ThreadPoolExecutor(options.query_threads, thread_name_prefix="dask-fp-query")
     static = resources.files("dask_fp.serve") / "static"
@@ -127,9 +137,11 @@ def create_app(store: Store, options: ServeOptions = ServeOptions()) -> FastAPI:
         srcs = [{"index": i, "name": s["path"].rsplit("/", 1)[-1], "crs": s.get("crs_name") or None,
                  "bounds": index.bounds(i), "shape": list(s["shape"][:2]), "tiles": int(s["tiles"])}
                 for i, s in index.sources.items()]
+        codes = None if code_index is None else {"rows": code_index.indexed, "bits": int(code_index.attrs["nbits"])}
         return {"store": store.path.name, "tiles": store.committed, "tile": int(a["tile"]),
                 "stride": int(a["stride"]), "model": a["model"], "sources": srcs,
-                "dashboard": options.dashboard, "min_labels": options.min_labels}
+                "dashboard": options.dashboard, "min_labels": options.min_labels,
+                "persisted": store.persisted, "index": codes, "method": choose_method(store, "auto")}
 
     @app.get("/api/tiles/{source}/{z}/{x}/{y}.png")
     async def map_tile(source: Annotated[int, Path(ge=0)], z: Annotated[int, Path(ge=0, le=MAX_ZOOM)],
@@ -179,14 +191,15 @@ def create_app(store: Store, options: ServeOptions = ServeOptions()) -> FastAPI:
     @app.post("/api/search")
     async def search(req: SearchRequest) -> dict[str, Any]:
         t0 = time.perf_counter()
-        hits = await in_pool(query_pool, run_query, store, index, req)
-        fc = await in_pool(tile_pool, hits_features, index, hits)
-        return {"mode": req.mode, "seconds": round(time.perf_counter() - t0, 3), "hits": fc}
+        res = await in_pool(query_pool, run_query, store, index, req, code_index)
+        fc = await in_pool(tile_pool, hits_features, index, res.hits)
+        return {"mode": req.mode, "method": res.method, "method_detail": res.detail,
+                "seconds": round(time.perf_counter() - t0, 3), "hits": fc}
 
     @app.post("/api/export/{fmt}")
     async def export(fmt: Literal["geojson", "geoparquet"], req: SearchRequest) -> Response:
-        hits = await in_pool(query_pool, run_query, store, index, req)
-        body, media = await in_pool(tile_pool, export_bytes, index, hits, req, fmt)
+        res = await in_pool(query_pool, run_query, store, index, req, code_index)
+        body, media = await in_pool(tile_pool, export_bytes, index, res.hits, req, fmt)
         name = f"dask-fp-hits.{'geojson' if fmt == 'geojson' else 'parquet'}"
         return Response(body, media_type=media, headers={"Content-Disposition": f'attachment; filename="{name}"'})
 

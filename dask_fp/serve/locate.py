@@ -41,11 +41,10 @@ class TileIndex:
         self.store = store
         self.tile, self.stride = int(store.attrs["tile"]), int(store.attrs["stride"])
         self.sources = {int(s["index"]): s for s in store.sources}
-        self._uids: dict[int, np.ndarray] = {}  # uid rows of the sources looked at so far
         self._to_src: dict[int, Any] = {}
 
     def has(self, uid: int) -> bool:
-        return bool(uid_rows(self.store, [int(uid)], self._uids)[0] >= 0)
+        return bool(uid_rows(self.store, [int(uid)])[0] >= 0)  # the store's uid_cache: read once per source
 
     def source(self, index: int) -> dict[str, Any]:
         if index not in self.sources:
@@ -58,7 +57,7 @@ class TileIndex:
         ny, nx = grid_shape(*src["shape"][:2], tile=self.tile, stride=self.stride)
         wins = windows_at_pixel(row, col, n_wy=ny, n_wx=nx, tile=self.tile, stride=self.stride)
         uids = [int(make_uid(source, wy, wx)) for wy, wx in wins]
-        for uid, r in zip(uids, uid_rows(self.store, uids, self._uids), strict=True):
+        for uid, r in zip(uids, uid_rows(self.store, uids), strict=True):
             if r >= 0:  # the nearest stored window (a nearer one may have been dropped as empty)
                 return self.locate(uid)
         return None

@@ -1,7 +1,8 @@
 """From a page request to the search engine and back: one library call per query, hits as map features.
 
 :func:`run_query` hands the page's examples, counter-examples and area to
-:func:`dask_fp.search` (or :func:`dask_fp.classify` in classifier mode);
+:func:`dask_fp.search` (or :func:`dask_fp.classify` in classifier mode), with the
+search method chosen by the library's rule and reported back to the page;
 :func:`hits_features` turns the resulting :class:`~dask_fp.hits.Hits` into
 GeoJSON features for the map (pixel squares for sources without a CRS);
 :func:`export_bytes` writes hits and labels as GeoJSON or GeoParquet.
@@ -11,12 +12,14 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import QueryError
 from ..hits import Hits
+from ..index import Index, choose_method
 from ..store import Store
 
 if TYPE_CHECKING:
@@ -38,8 +41,38 @@ def _area(req: SearchRequest) -> Any:
     return geom
 
 
-def run_query(store: Store, index: TileIndex, req: SearchRequest) -> Hits:
-    """Run one page query: every positive and negative combined into one query (or one classifier)."""
+METHOD_DETAIL = {
+    "exact": "exact scan of every stored fingerprint",
+    "codes": "compact binary codes pick candidates (a Hamming shortlist re-scored against the query's projection);"
+             " their full fingerprints are re-ranked: distances are exact, a true neighbour whose code ranked"
+             " below the cut can be missed",
+    "classifier": "classifier trained on the labels, applied to every stored tile (exact pass)",
+}
+
+
+@dataclass(frozen=True)
+class PageResult:
+    """One page query's answer: the hits and the search method that produced them.
+
+    ``method`` is ``exact`` or ``codes`` (:func:`dask_fp.index.choose_method`, the
+    library's rule: ``auto`` is codes for a large store with an index, exact with
+    an area) or ``classifier``; ``detail`` says what that means for the distances.
+    """
+
+    hits: Hits
+    method: str
+
+    @property
+    def detail(self) -> str:
+        return METHOD_DETAIL[self.method]
+
+
+def run_query(store: Store, index: TileIndex, req: SearchRequest, code_index: Index | None = None) -> PageResult:
+    """Run one page query: every positive and negative combined into one query (or one classifier).
+
+    The search method is chosen as the library chooses it (``req.method``, default
+    ``auto``); ``code_index`` is the store's opened (persisted) index, when it has one.
+    """
     from ..classify import classify
     from ..search import search
 
@@ -52,10 +85,17 @@ def run_query(store: Store, index: TileIndex, req: SearchRequest) -> Hits:
     if req.mode == "classify":
         if len(req.positives) < 1 or len(req.negatives) < 1:
             raise QueryError("classifier mode needs at least one positive and one negative example.")
-        return classify(store, positives=list(req.positives), negatives=list(req.negatives), k=req.k,
-                        threshold=req.threshold, area=area)
-    return search(store, positives=list(req.positives), negatives=list(req.negatives), k=req.k,
-                  area=area)
+        if req.method == "codes":
+            raise QueryError("classifier mode scores every tile; method 'codes' is for nearest-neighbour search.")
+        return PageResult(classify(store, positives=list(req.positives), negatives=list(req.negatives),
+                                   k=req.k, threshold=req.threshold, area=area), "classifier")
+    method = choose_method(store, req.method, filtered=area is not None)
+    if method == "codes" and code_index is None:
+        raise QueryError(f"{store.path.name} has no compact-code index: search with method auto or exact, or"
+                         f" build one with `dask-fp index {store.path}` and restart `dask-fp serve`.")
+    hits = search(store, positives=list(req.positives), negatives=list(req.negatives), k=req.k,
+                  area=area, method=method, index=code_index if method == "codes" else None)
+    return PageResult(hits, method)
 
 
 def _num(v: Any) -> float | None:

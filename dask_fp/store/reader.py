@@ -59,6 +59,9 @@ class Store:
         self._persisted: Any = None
         #: Query-independent graph pieces of the scan (:mod:`dask_fp.scan`), rebuilt when the arrays change.
         self.scan_cache: dict[str, Any] = {}
+        #: Each looked-up source's uids, sorted, and their order (:func:`dask_fp.query.uid_rows`); an opened
+        #: store shows a fixed ``committed``, so they never go stale.
+        self.uid_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._sources: list[dict[str, Any]] | None = None
         self._source_rows: np.ndarray | None = None
         # No per-chunk walk here: opening costs a fixed number of file reads (group and

@@ -113,7 +113,8 @@ async function runSearch() {
   try {
     const res = await (await api("/api/search", request())).json();
     state.hits = res.hits.features;
-    status(`${state.hits.length} hits in ${res.seconds.toFixed(2)} s (${res.mode === "classify" ? "classifier" : "nearest neighbours"}).`, "done");
+    status(`${state.hits.length} hits in ${res.seconds.toFixed(2)} s (${res.mode === "classify" ? "classifier" : "nearest neighbours"}, ${res.method}).`, "done");
+    showMethod(res.method, res.method_detail);
   } catch (err) {
     status("Search failed: " + err.message, "error");
   } finally {
@@ -121,6 +122,12 @@ async function runSearch() {
     for (const b of ["refine", "export-geojson", "export-geoparquet"]) $(b).disabled = !state.positives.length;
     drawHits(); drawLabels();
   }
+}
+
+const methodNames = { exact: "exact search", codes: "compact codes + exact re-rank", classifier: "classifier" };
+function showMethod(method, detail) {
+  const m = $("method"); m.dataset.method = method;
+  m.textContent = `Method: ${methodNames[method] || method} — ${detail}.`;
 }
 
 function drawHits() {
@@ -201,6 +208,8 @@ $("export-geoparquet").onclick = () => exportAs("geoparquet");
   const info = state.info = await (await api("/api/info")).json();
   $("store-line").textContent = `${info.store}: ${info.tiles.toLocaleString()} tiles of ${info.tile} px (stride ${info.stride}), ${info.model}`;
   if (info.dashboard) { $("dashboard").href = info.dashboard; $("dashboard").hidden = false; }
+  $("method").textContent = `Searches: ${methodNames[info.method]}` + (info.index
+    ? ` (compact-code index of ${info.index.rows.toLocaleString()} rows, ${info.index.bits} bits).` : " (no compact-code index).");
   const bounds = L.latLngBounds([]);
   for (const s of info.sources) {
     const li = document.createElement("li"), a = document.createElement("a");
