@@ -131,7 +131,7 @@ def size_section(n: int, real512: np.ndarray, args: argparse.Namespace, client: 
     import os
 
     from dask_fp.codes import encode
-    from dask_fp.index import IndexOptions, build_index, code_search, default_candidates, default_pool, open_index
+    from dask_fp.index import IndexOptions, build_index, code_search, default_candidates, open_index
     from dask_fp.scan import knn, stream_knn
 
     gen = cd.Synthetic(real512, sigma=args.sigma, seed=n)
@@ -166,15 +166,15 @@ def size_section(n: int, real512: np.ndarray, args: argparse.Namespace, client: 
     kcodes = np.asarray(idx.codes_array[: min(n, 1 << 20)])
     out["kernel"] = kernel_timings(kcodes, encode(fresh(0), idx.params), 1000, args.repeats)
     say(f"  kernel (one task): {out['kernel']}")
-    out["default_candidates"], out["default_pool"] = default_candidates(K, n), default_pool(K, n)
-    sweep = sorted({100, 300, 1000, 3000, 10000, out["default_candidates"], out["default_pool"]})
-    # Hamming alone (pool = candidates: the shortlist is the re-ranked set) against the
-    # asymmetric stage (the default pool re-scored down to the candidates), same queries.
-    out["codes_recall_hamming"] = {c: recall(truth, code_search(st, qs, K, index=idx, candidates=c, pool=c)[1])
-                                   for c in sweep}
+    out["default_candidates"] = default_candidates(K, n)
+    sweep = sorted({100, 300, 1000, 2000, 3000, 5000, 10000, out["default_candidates"]})
+    # Hamming distance alone against the asymmetric re-score of each task's Hamming shortlist
+    # (the default), same queries, same number of candidates re-ranked.
+    out["codes_recall_hamming"] = {c: recall(truth, code_search(st, qs, K, index=idx, candidates=c,
+                                                                asymmetric=False)[1]) for c in sweep}
     out["codes_recall"] = {c: recall(truth, code_search(st, qs, K, index=idx, candidates=c)[1]) for c in sweep}
     say(f"  codes recall@10 by candidates, Hamming only: {out['codes_recall_hamming']}")
-    say(f"  codes recall@10 by candidates, asymmetric re-score of {out['default_pool']}: {out['codes_recall']}")
+    say(f"  codes recall@10 by candidates, asymmetric: {out['codes_recall']}")
     # Timed at the fewest candidates reaching recall >= 0.95, as FAISS's knobs are tuned below.
     ok = [c for c in sweep if out["codes_recall"][c] >= 0.95]
     cand = out["candidates"] = min(ok) if ok else max(sweep)
@@ -186,7 +186,7 @@ def size_section(n: int, real512: np.ndarray, args: argparse.Namespace, client: 
     ok_h = [c for c in sweep if out["codes_recall_hamming"][c] >= 0.95]
     cand_h = out["candidates_hamming"] = min(ok_h) if ok_h else max(sweep)
     out["codes_hamming_s"] = median_s(lambda i: code_search(st, fresh(i), K, index=idx, candidates=cand_h,
-                                                            pool=cand_h), args.repeats)[0]
+                                                            asymmetric=False), args.repeats)[0]
     say(f"  codes, Hamming only ({cand_h} candidates) {out['codes_hamming_s'] * 1e3:.1f} ms")
     reps_slow = max(3, args.repeats // 5)
     out["exact_stream_s"] = median_s(lambda i: stream_knn(st, fresh(i), K), reps_slow)[0]

@@ -86,24 +86,15 @@ class IndexOptions:
     seed: int = 0
 
 
-def default_pool(m: int, rows: int) -> int:
-    """Hamming shortlist per scan task, re-scored asymmetrically: ``max(100·m, 1000, rows / 1000)``.
-
-    The share of rows grows the list with the store: the denser the store, the
-    more codes tie or nearly tie with the true neighbours' (on vectors that follow
-    real fingerprints, the 1,000 nearest codes hold the true 10 nearest rows
-    at recall 0.996 at 1M rows, 300 only at 0.76; bench/codes.py, docs/performance.md).
-    """
-    return int(min(rows, max(100 * m, 1000, -(-rows // 1000))))
-
-
 def default_candidates(m: int, rows: int) -> int:
     """Candidates re-ranked exactly per query (one row read each): ``max(100·m, 1000, rows / 2000)``.
 
-    Fewer than the Hamming shortlist (:func:`default_pool`): the asymmetric score
-    ranks the true neighbours nearer the top (at 10M rows following real
-    fingerprints, the best 5,000 of a 10,000 shortlist held the true 10 at
-    recall 0.974, the 5,000 nearest by Hamming distance at 0.934; bench/codes.py).
+    The share of rows grows the list with the store: the denser the store, the
+    more codes tie or nearly tie with the true neighbours'. On vectors that
+    follow real fingerprints (bench/codes.py, docs/performance.md), 1,000
+    candidates hold the true 10 nearest at recall 0.996 at 1M rows (300: 0.76),
+    and at 10M rows 5,000 candidates (each scan task's 5,000 nearest codes,
+    re-scored asymmetrically) at 0.985.
     """
     return int(min(rows, max(100 * m, 1000, -(-rows // 2000))))
 
@@ -377,6 +368,7 @@ def code_search(
     index: Index | None = None,
     candidates: int | None = None,
     pool: int | None = None,
+    asymmetric: bool = True,
     split_every: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Approximate ``m`` nearest rows with exact distances: code scan, exact re-rank, exact tail.
@@ -392,7 +384,10 @@ def code_search(
         Rows re-ranked exactly per query (:func:`default_candidates` when None).
     pool : int, optional
         Hamming shortlist per scan task, re-scored asymmetrically to pick the
-        candidates (:func:`default_pool` when None; at least ``candidates``).
+        candidates (``candidates`` when None; at least ``candidates``).
+    asymmetric : bool
+        Re-score each shortlist asymmetrically (default); False ranks by Hamming
+        distance alone (the baseline bench/codes.py measures against).
 
     Returns
     -------
@@ -407,10 +402,9 @@ def code_search(
     c = candidates if candidates is not None else default_candidates(m, idx.indexed)
     if c < m:
         raise QueryError(f"candidates ({c}) must be at least k ({m})")
-    h = max(c, pool if pool is not None else default_pool(m, idx.indexed))
     z = project(q, idx.params)
-    cand = code_candidates(idx.codes(), np.packbits(z >= 0, axis=1), c, tables=byte_tables(z), pool=h,
-                           split_every=split_every)
+    cand = code_candidates(idx.codes(), np.packbits(z >= 0, axis=1), c, tables=byte_tables(z) if asymmetric else None,
+                           pool=max(c, pool or c), split_every=split_every)
     parts = [rerank(store, q, cand, m)]
     if idx.indexed < store.committed:  # rows added since the index: scanned exactly
         lo = idx.indexed

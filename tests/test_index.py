@@ -18,7 +18,6 @@ from dask_fp.index import (
     choose_method,
     code_search,
     default_candidates,
-    default_pool,
     extend_index,
     open_index,
 )
@@ -90,9 +89,10 @@ def test_code_search_reranks_exactly_and_recalls_on_structured_data(client, stor
     q = x[::37] + np.float32(0.5)
     ed, er = knn(st.fingerprints(), st.norm2(), q, 10)
     # Every row a candidate: the re-rank alone decides, so the answer is the exact one, ties included.
-    d_all, r_all = code_search(st, q, 10, candidates=len(x))
-    np.testing.assert_array_equal(r_all, er)
-    np.testing.assert_array_equal(d_all, ed)
+    for asymmetric in (True, False):
+        d_all, r_all = code_search(st, q, 10, candidates=len(x), asymmetric=asymmetric)
+        np.testing.assert_array_equal(r_all, er)
+        np.testing.assert_array_equal(d_all, ed)
     # Default candidates: distances are the exact ones of the rows returned, sorted; recall high.
     d, r = code_search(st, q, 10)
     bd, _ = brute_knn(x, q, len(x))
@@ -103,6 +103,9 @@ def test_code_search_reranks_exactly_and_recalls_on_structured_data(client, stor
     # A small candidate list still returns exact distances (possibly other rows).
     d5, r5 = code_search(st, q, 10, candidates=10)
     assert (d5 >= ed).all() and r5.shape == (len(q), 10)
+    # Hamming alone (the baseline of bench/codes.py) answers with exact distances too.
+    dh, rh = code_search(st, q, 10, asymmetric=False)
+    assert (dh >= ed).all() and recall(er, rh) >= 0.9
 
 
 def test_stale_index_answers_exactly_for_new_rows_then_extends(client, store_dir):
@@ -143,8 +146,6 @@ def test_no_index_bad_method_and_auto_choice(store_dir):
     assert choose_method(st, "auto") == "exact"  # small store, no index
     with pytest.raises(QueryError, match="nbits"):
         build_index(store_dir.path, IndexOptions(nbits=128))  # more bits than 64 dimensions
-    assert default_pool(10, 50) == 50 and default_pool(10, 10**6) == 1000
-    assert default_pool(10, 10**7) == 10_000 and default_pool(30, 10**6) == 3000
     assert default_candidates(10, 50) == 50 and default_candidates(10, 10**6) == 1000
     assert default_candidates(10, 10**7) == 5000 and default_candidates(30, 10**6) == 3000
 
