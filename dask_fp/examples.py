@@ -78,14 +78,15 @@ def as_examples(examples: Example | Sequence[Example] | None) -> list[Example]:
     return list(examples)
 
 
-def _split(examples: Sequence[Example], what: str) -> tuple[list[int], list[str], list[tuple[float, float]], list[Any]]:
-    """Sort examples by kind: uids, pictures, points, polygons (shapely, WGS84)."""
+def _split(examples: Sequence[Example],
+           what: str) -> tuple[list[int], list[str], list[tuple[float, float]], list[tuple[Any, str]]]:
+    """Sort examples by kind: uids, pictures, points, (polygon in WGS84, where it came from)."""
     from shapely.geometry.base import BaseGeometry
 
     uids: list[int] = []
     images: list[str] = []
     points: list[tuple[float, float]] = []
-    polys: list[Any] = []
+    polys: list[tuple[Any, str]] = []
 
     def geometry(g: Any, origin: str) -> None:
         if g is None or g.is_empty:
@@ -93,7 +94,7 @@ def _split(examples: Sequence[Example], what: str) -> tuple[list[int], list[str]
         if g.geom_type == "Point":
             points.append((float(g.x), float(g.y)))
         elif g.geom_type in ("Polygon", "MultiPolygon"):
-            polys.append(g)
+            polys.append((g, origin))
         elif hasattr(g, "geoms"):
             for part in g.geoms:
                 geometry(part, origin)
@@ -112,7 +113,7 @@ def _split(examples: Sequence[Example], what: str) -> tuple[list[int], list[str]
         elif isinstance(e, str | os.PathLike):
             images.append(str(e))
         elif isinstance(e, BaseGeometry):
-            geometry(e, repr(e.wkt[:60]))
+            geometry(e, "geometry")
         elif isinstance(e, Sequence) and len(e) == 2 and all(isinstance(v, int | float | np.number) for v in e):
             points.append((float(e[0]), float(e[1])))
         else:
@@ -153,12 +154,13 @@ def resolve(store: Store, examples: Sequence[Example], *, what: str = "positive"
         pq = lonlat_queries(store, points)
         if pq:
             rows.append(uid_rows(store, [_uid_of(q) for q in pq]))
-    for g in polys:
+    for g, origin in polys:
         r = rows_where(store, RowFilter(geometry=g))
         if r.size == 0:
             minx, miny, maxx, maxy = g.bounds
-            raise QueryError(f"{what} polygon with bounds {minx:g},{miny:g},{maxx:g},{maxy:g} (lon/lat) holds"
-                             f" no stored tile centre of {store.path}.")
+            raise QueryError(f"{what} {origin}: the polygon with bounds {minx:g},{miny:g},{maxx:g},{maxy:g}"
+                             f" (lon/lat) holds no stored tile centre of {store.path}; `dask-fp info` lists"
+                             " the sources (a tile is in a polygon when its centre is).")
         rows.append(r)
     allrows = np.unique(np.concatenate(rows)) if rows else np.empty(0, np.int64)
     c = store.coords(allrows)
@@ -202,11 +204,20 @@ def combined_query(store: Store, positives: Sequence[Example], negatives: Sequen
     if len(pos) == 0:
         raise QueryError("positives is empty: a combined query needs at least one positive example.")
     neg = resolve(store, negatives, what="negative", model=model)
-    both = set(pos.rows.tolist()) & set(neg.rows.tolist())
-    if both:
-        raise QueryError(f"rows {sorted(both)[:5]} are labelled both positive and negative; drop one label.")
+    check_disjoint(pos, neg)
     label = _plural(len(pos), "positive") + (", " + _plural(len(neg), "negative") if len(neg) else "")
-    return Query(label, rocchio(pos.vectors, neg.vectors, beta), None, None, exclude=pos.tiles + neg.tiles)
+    return Query(label, rocchio(pos.vectors, neg.vectors, beta), None, None, exclude=pos.tiles + neg.tiles,
+                 shown=pos.tiles[0] if pos.tiles else None)
+
+
+def check_disjoint(pos: Labelled, neg: Labelled) -> None:
+    """A QueryError naming the uids of stored tiles that are among both the positives and the negatives."""
+    both = np.isin(pos.rows, neg.rows)
+    if both.any():
+        uids = sorted(int(u) for u in pos.uids[both])
+        raise QueryError(f"tile{'s' * (len(uids) > 1)} {', '.join(map(str, uids[:5]))}"
+                         f"{' …' if len(uids) > 5 else ''} labelled both positive and negative (a polygon or"
+                         " point example may cover a tile labelled the other way); drop one label.")
 
 
 def _plural(n: int, word: str) -> str:
