@@ -180,14 +180,44 @@ class SearchSession:
         """A session with the labels of ``path`` (see :func:`read_labels`).
 
         A label the store cannot resolve (an unknown uid, a missing picture, a
-        polygon over no stored tile) is a QueryError that names ``path``.
+        polygon over no stored tile), or a uid whose tile is not where the
+        feature's point says (labels saved from another store), is a
+        QueryError that names ``path``.
         """
         pos, neg = read_labels(path)
         session = cls(store, model=model)
         try:
+            _check_uid_points(session.store, path)
             return session.add(positives=pos, negatives=neg)
         except QueryError as e:
             raise QueryError(f"labels file {path}: {e}") from None
+
+
+#: Largest distance (degrees) between a labels file's point and the centre of the tile its uid names.
+UID_POINT_TOLERANCE = 1e-6
+
+
+def _check_uid_points(store: Store, path: str | os.PathLike[str]) -> None:
+    """Refuse a labels file whose uid features' points are not at their tiles' centres in ``store``.
+
+    :meth:`SearchSession.save` writes each labelled tile as its uid and a Point
+    at its centre. A uid names a window of a source *index*, so in another
+    store it is another tile (or none): the points tell.
+    """
+    from .examples import uid_rows
+
+    geoms, props = read_vector(path)
+    feats = [(i, int(pr["uid"]), g) for i, (g, pr) in enumerate(zip(geoms, props, strict=True))
+             if pr.get("uid") is not None and pr["uid"] == pr["uid"] and g is not None and g.geom_type == "Point"]
+    if not feats:
+        return
+    c = store.coords(uid_rows(store, [u for _, u, _ in feats]))
+    for (i, u, g), lon, lat in zip(feats, c["lon"], c["lat"], strict=True):
+        if not (abs(g.x - lon) <= UID_POINT_TOLERANCE and abs(g.y - lat) <= UID_POINT_TOLERANCE):
+            raise QueryError(f"feature {i} has uid {u}, the tile centred at {lon:.7f},{lat:.7f} in {store.path},"
+                             f" but its point is at {g.x:.7f},{g.y:.7f}: these labels were saved from another"
+                             " store. Load them into that store, or drop the uid properties to label the tiles"
+                             " under the points.")
 
 
 def _has(examples: list[Example], e: Example) -> bool:

@@ -461,3 +461,20 @@ def test_label_errors_name_the_file_and_the_tiles(store, tmp_path):
         {"type": "Feature", "properties": {}, "geometry": shapely.geometry.mapping(box(10, 10, 11, 11))}]}))
     with pytest.raises(QueryError, match=r"negative .*far.geojson: the polygon .* holds no stored tile centre"):
         SearchSession(st).add(positives=[u], negatives=[far])
+
+
+def test_labels_saved_from_another_store_are_refused(store, tmp_path):
+    """A uid names a window of a source index: in another store it is another tile. The saved points tell."""
+    from dask_fp import SearchSession
+
+    st = store.open()
+    a = np.flatnonzero(store.cols["source"] == 0)
+    uid = store.cols["uid"]
+    path = SearchSession(st).add(positives=[int(uid[a[3]])], negatives=[int(uid[a[60]])]).save(tmp_path / "l.geojson")
+    assert SearchSession.load(st, path).negatives == [int(uid[a[60]])]  # the store it came from: fine
+    fc = json.loads((tmp_path / "l.geojson").read_text())
+    fc["features"][1]["geometry"]["coordinates"][0] += 0.01  # as if tile a[60] lay elsewhere
+    moved = tmp_path / "moved.geojson"
+    moved.write_text(json.dumps(fc))
+    with pytest.raises(QueryError, match=rf"moved.geojson: feature 1 has uid {int(uid[a[60]])}, .* another store"):
+        SearchSession.load(st, moved)
