@@ -79,20 +79,20 @@ def as_examples(examples: Example | Sequence[Example] | None) -> list[Example]:
 
 
 def _split(examples: Sequence[Example],
-           what: str) -> tuple[list[int], list[str], list[tuple[float, float]], list[tuple[Any, str]]]:
-    """Sort examples by kind: uids, pictures, points, (polygon in WGS84, where it came from)."""
+           what: str) -> tuple[list[int], list[str], list[tuple[float, float, str]], list[tuple[Any, str]]]:
+    """Sort examples by kind: uids, pictures, (lon, lat, where it came from), (WGS84 polygon, where from)."""
     from shapely.geometry.base import BaseGeometry
 
     uids: list[int] = []
     images: list[str] = []
-    points: list[tuple[float, float]] = []
+    points: list[tuple[float, float, str]] = []
     polys: list[tuple[Any, str]] = []
 
     def geometry(g: Any, origin: str) -> None:
         if g is None or g.is_empty:
             raise QueryError(f"{what} {origin}: an empty geometry.")
         if g.geom_type == "Point":
-            points.append((float(g.x), float(g.y)))
+            points.append((float(g.x), float(g.y), origin))
         elif g.geom_type in ("Polygon", "MultiPolygon"):
             polys.append((g, origin))
         elif hasattr(g, "geoms"):
@@ -115,7 +115,7 @@ def _split(examples: Sequence[Example],
         elif isinstance(e, BaseGeometry):
             geometry(e, "geometry")
         elif isinstance(e, Sequence) and len(e) == 2 and all(isinstance(v, int | float | np.number) for v in e):
-            points.append((float(e[0]), float(e[1])))
+            points.append((float(e[0]), float(e[1]), "point"))
         else:
             raise QueryError(f"{what} {e!r}: not an example; give a uid (int), a picture path, a (lon, lat)"
                              " pair, a shapely geometry in WGS84, or a .geojson/.gpkg file.")
@@ -151,7 +151,7 @@ def resolve(store: Store, examples: Sequence[Example], *, what: str = "positive"
     uids, images, points, polys = _split(examples, what)
     rows = [uid_rows(store, uids)]
     if points:
-        pq = lonlat_queries(store, points)
+        pq = _point_queries(store, points, what)
         if pq:
             rows.append(uid_rows(store, [_uid_of(q) for q in pq]))
     for g, origin in polys:
@@ -172,6 +172,19 @@ def resolve(store: Store, examples: Sequence[Example], *, what: str = "positive"
     tiles = tuple((int(s), int(y), int(x)) for s, y, x in zip(c["source"], c["wy"], c["wx"], strict=True))
     return Labelled(vecs, allrows, tiles, np.asarray(c["uid"], np.int64),
                     np.column_stack([c["lon"], c["lat"]]) if allrows.size else np.empty((0, 2)), tuple(images))
+
+
+def _point_queries(store: Store, points: list[tuple[float, float, str]], what: str) -> list[Query]:
+    """:func:`lonlat_queries` of the points; an error names the example (and file) of the point that failed."""
+    try:
+        return lonlat_queries(store, [(lon, lat) for lon, lat, _ in points])
+    except QueryError:
+        for lon, lat, origin in points:  # only on failure: find the point and name where it came from
+            try:
+                lonlat_queries(store, [(lon, lat)])
+            except QueryError as e:
+                raise QueryError(f"{what} {origin}: {e}") from None
+        raise
 
 
 def _uid_of(q: Query) -> int:

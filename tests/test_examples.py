@@ -461,6 +461,13 @@ def test_label_errors_name_the_file_and_the_tiles(store, tmp_path):
         {"type": "Feature", "properties": {}, "geometry": shapely.geometry.mapping(box(10, 10, 11, 11))}]}))
     with pytest.raises(QueryError, match=r"negative .*far.geojson: the polygon .* holds no stored tile centre"):
         SearchSession(st).add(positives=[u], negatives=[far])
+    # so is a point file whose point no stored tile holds (the first point is fine, the second is not)
+    pts = tmp_path / "points.geojson"
+    pts.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {}, "geometry": {"type": "Point", "coordinates": list(xy)}}
+        for xy in ((float(store.cols["lon"][9]), float(store.cols["lat"][9])), (10.5, 10.5))]}))
+    with pytest.raises(QueryError, match=r"negative .*points.geojson: no stored tile contains lon/lat 10.5,10.5"):
+        search(st, positives=[u], negatives=[pts], k=3)
 
 
 def test_labels_saved_from_another_store_are_refused(store, tmp_path):
