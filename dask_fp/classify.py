@@ -4,9 +4,11 @@ A :class:`sklearn.linear_model.LogisticRegression` is fitted on the stored
 fingerprints of the labelled tiles (and the embeddings of labelled pictures).
 The fitted model is a weight vector and an intercept: those two arrays, not
 the estimator, go to the chunk tasks, which score their rows with one matrix
-product each (:func:`dask_fp.scan.score_pass`, one ``dask.array.reduction``
-like the k-NN search), so the store streams through the cluster once and may
-be larger than its memory. The client receives only the top ``k`` rows, or
+product each (one ``dask.array.reduction`` like the k-NN search:
+:func:`dask_fp.scan.stream_score`, reading the store from Zarr a few chunks
+at a time per task, or :func:`dask_fp.scan.score_pass` over a persisted
+store), so the store streams through the cluster once and may be larger than
+its memory. The client receives only the top ``k`` rows, or
 the rows whose probability reaches ``threshold``.
 """
 
@@ -27,7 +29,7 @@ from .hits import TABLE_COLUMNS, Hits
 from .kernels import candidates_needed
 from .models import ModelOptions
 from .query import Query, store_tiling
-from .scan import score_pass
+from .scan import score_pass, stream_score
 from .search import keep_mask, no_hits_in_area, reading
 from .store import Store, open_store
 
@@ -140,9 +142,13 @@ def classify(
 
     def run() -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         x = st.fingerprints()
-        s, r = score_pass(x, coef, intercept, k=m, min_logit=_min_logit(threshold), split_every=split_every,
-                          where=where, columns=filter_columns(st, where),
-                          blocks=candidate_blocks(st, where, x.chunks[0]))
+        blocks = candidate_blocks(st, where, x.chunks[0])
+        if st.persisted:  # scored in cluster memory
+            s, r = score_pass(x, coef, intercept, k=m, min_logit=_min_logit(threshold), split_every=split_every,
+                              where=where, columns=filter_columns(st, where), blocks=blocks)
+        else:  # streamed from Zarr, a few chunks at a time per task (as a search is)
+            s, r = stream_score(st, coef, intercept, k=m, min_logit=_min_logit(threshold), split_every=split_every,
+                                where=where, blocks=blocks)
         return s, r, st.coords(r)
 
     logits, rows, meta = reading(st, run)
