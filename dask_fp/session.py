@@ -168,7 +168,7 @@ class SearchSession:
         """Write the labels as a GeoJSON FeatureCollection (WGS84) and return its path."""
         p = Path(path)
         fc = {"type": "FeatureCollection", "features": self.features(),
-              "dask_fp_store": str(self.store.path)}
+              "dask_fp_store": os.path.abspath(str(self.store.path))}
         tmp = p.with_name(p.name + ".tmp")
         tmp.write_text(json.dumps(fc))
         os.replace(tmp, p)
