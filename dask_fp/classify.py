@@ -4,9 +4,11 @@ A :class:`sklearn.linear_model.LogisticRegression` is fitted on the stored
 fingerprints of the labelled tiles (and the embeddings of labelled pictures).
 The fitted model is a weight vector and an intercept: those two arrays, not
 the estimator, go to the chunk tasks, which score their rows with one matrix
-product each (:func:`dask_fp.scan.score_pass`, one ``dask.array.reduction``
-like the k-NN search), so the store streams through the cluster once and may
-be larger than its memory. The client receives only the top ``k`` rows, or
+product each (one ``dask.array.reduction`` like the k-NN search:
+:func:`dask_fp.scan.stream_score`, reading the store from Zarr a few chunks
+at a time per task, or :func:`dask_fp.scan.score_pass` over a persisted
+store), so the store streams through the cluster once and may be larger than
+its memory. The client receives only the top ``k`` rows, or
 the rows whose probability reaches ``threshold``.
 """
 
@@ -15,20 +17,19 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from .errors import QueryError
-from .examples import Example, as_examples, resolve
+from .examples import Example, as_examples, check_disjoint, resolve
 from .filters import Area, candidate_blocks, filter_columns, make_filter
 from .hits import TABLE_COLUMNS, Hits
 from .kernels import candidates_needed
 from .models import ModelOptions
 from .query import Query, store_tiling
-from .scan import score_pass
+from .scan import score_pass, stream_score
 from .search import keep_mask, no_hits_in_area, reading
 from .store import Store, open_store
 
@@ -131,9 +132,7 @@ def classify(
     if len(pos) == 0 or len(neg) == 0:
         raise QueryError(f"the classifier needs at least one positive and one negative example (got {len(pos)}"
                          f" positive, {len(neg)} negative); label some tiles that are NOT what you look for.")
-    both = set(pos.rows.tolist()) & set(neg.rows.tolist())
-    if both:
-        raise QueryError(f"rows {sorted(both)[:5]} are labelled both positive and negative; drop one label.")
+    check_disjoint(pos, neg)
     clf = fit(pos.vectors, neg.vectors, C=float(C), class_weight=class_weight)
     coef, intercept = clf.coef_[0], float(clf.intercept_[0])
     exclude = [] if include_self else list(pos.tiles + neg.tiles)
@@ -143,9 +142,13 @@ def classify(
 
     def run() -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         x = st.fingerprints()
-        s, r = score_pass(x, coef, intercept, k=m, min_logit=_min_logit(threshold), split_every=split_every,
-                          where=where, columns=filter_columns(st, where),
-                          blocks=candidate_blocks(st, where, x.chunks[0]))
+        blocks = candidate_blocks(st, where, x.chunks[0])
+        if st.persisted:  # scored in cluster memory
+            s, r = score_pass(x, coef, intercept, k=m, min_logit=_min_logit(threshold), split_every=split_every,
+                              where=where, columns=filter_columns(st, where), blocks=blocks)
+        else:  # streamed from Zarr, a few chunks at a time per task (as a search is)
+            s, r = stream_score(st, coef, intercept, k=m, min_logit=_min_logit(threshold), split_every=split_every,
+                                where=where, blocks=blocks)
         return s, r, st.coords(r)
 
     logits, rows, meta = reading(st, run)
@@ -170,18 +173,18 @@ def classify(
         "x": meta["x"][idx], "y": meta["y"][idx], "lon": meta["lon"][idx], "lat": meta["lat"][idx],
         "row": rows[idx].astype(np.int64),
     }, columns=TABLE_COLUMNS)
-    q = Query(label, np.asarray(coef, np.float32), exclude=pos.tiles + neg.tiles)
+    q = Query(label, np.asarray(coef, np.float32), exclude=pos.tiles + neg.tiles,
+              shown=pos.tiles[0] if pos.tiles else None)
     hits = Hits(table, [q], st, rank_by="score")
     hits.classifier = clf
     return hits
 
 
 def write_classified(hits: Hits, out_dir: str | os.PathLike[str], *, mosaic_hits: int = 35) -> dict[str, Any]:
-    """``hits.csv`` and ``hits.geojson`` of every hit, and ``mosaic.png`` of the best ``mosaic_hits``."""
+    """Every hit as ``hits.csv``, ``hits.geojson``, places and score rasters; a mosaic of the best ``mosaic_hits``.
+
+    See :func:`dask_fp.export.write_outputs`.
+    """
     from .export import write_outputs
 
-    d = Path(out_dir)
-    files = write_outputs(hits.head(mosaic_hits), d)
-    hits.table.to_csv(d / "hits.csv", index=False)
-    hits.to_geojson(d / "hits.geojson")
-    return files
+    return write_outputs(hits, out_dir, mosaic_hits=mosaic_hits)

@@ -328,8 +328,9 @@ def _print_hits(args: argparse.Namespace, hits: Any, files: dict[str, Any] | Non
         t = hits.for_query(i)
         print(f"query {i}: {q.label} ({len(t)} hits)")
         print(t[["rank", "uid", hits.rank_by, "path", "wy", "wx", "lon", "lat"]].to_string(index=False))
-    if files:
-        print("wrote " + ", ".join([files["csv"], files["geojson"], *files["mosaics"]]))
+    if files:  # every file written; "places" holds a note instead when the places extra is missing
+        paths = [str(p) for k, v in files.items() if k != "places" for p in (v if isinstance(v, list) else [v])]
+        print("wrote " + ", ".join(paths) + (f"; places {files['places']}" if "places" in files else ""))
     return 0
 
 

@@ -79,22 +79,23 @@ def as_examples(examples: Example | Sequence[Example] | None) -> list[Example]:
     return list(examples)
 
 
-def _split(examples: Sequence[Example], what: str) -> tuple[list[int], list[str], list[tuple[float, float]], list[Any]]:
-    """Sort examples by kind: uids, pictures, points, polygons (shapely, WGS84)."""
+def _split(examples: Sequence[Example],
+           what: str) -> tuple[list[int], list[str], list[tuple[float, float, str]], list[tuple[Any, str]]]:
+    """Sort examples by kind: uids, pictures, (lon, lat, where it came from), (WGS84 polygon, where from)."""
     from shapely.geometry.base import BaseGeometry
 
     uids: list[int] = []
     images: list[str] = []
-    points: list[tuple[float, float]] = []
-    polys: list[Any] = []
+    points: list[tuple[float, float, str]] = []
+    polys: list[tuple[Any, str]] = []
 
     def geometry(g: Any, origin: str) -> None:
         if g is None or g.is_empty:
             raise QueryError(f"{what} {origin}: an empty geometry.")
         if g.geom_type == "Point":
-            points.append((float(g.x), float(g.y)))
+            points.append((float(g.x), float(g.y), origin))
         elif g.geom_type in ("Polygon", "MultiPolygon"):
-            polys.append(g)
+            polys.append((g, origin))
         elif hasattr(g, "geoms"):
             for part in g.geoms:
                 geometry(part, origin)
@@ -113,9 +114,9 @@ def _split(examples: Sequence[Example], what: str) -> tuple[list[int], list[str]
         elif isinstance(e, str | os.PathLike):
             images.append(str(e))
         elif isinstance(e, BaseGeometry):
-            geometry(e, repr(e.wkt[:60]))
+            geometry(e, "geometry")
         elif isinstance(e, Sequence) and len(e) == 2 and all(isinstance(v, int | float | np.number) for v in e):
-            points.append((float(e[0]), float(e[1])))
+            points.append((float(e[0]), float(e[1]), "point"))
         else:
             raise QueryError(f"{what} {e!r}: not an example; give a uid (int), a picture path, a (lon, lat)"
                              " pair, a shapely geometry in WGS84, or a .geojson/.gpkg file.")
@@ -149,15 +150,16 @@ def resolve(store: Store, examples: Sequence[Example], *, what: str = "positive"
     uids, images, points, polys = _split(examples, what)
     rows = [uid_rows(store, uids)]
     if points:
-        pq = lonlat_queries(store, points)
+        pq = _point_queries(store, points, what)
         if pq:
             rows.append(uid_rows(store, [_uid_of(q) for q in pq]))
-    for g in polys:
+    for g, origin in polys:
         r = rows_where(store, RowFilter(geometry=g))
         if r.size == 0:
             minx, miny, maxx, maxy = g.bounds
-            raise QueryError(f"{what} polygon with bounds {minx:g},{miny:g},{maxx:g},{maxy:g} (lon/lat) holds"
-                             f" no stored tile centre of {store.path}.")
+            raise QueryError(f"{what} {origin}: the polygon with bounds {minx:g},{miny:g},{maxx:g},{maxy:g}"
+                             f" (lon/lat) holds no stored tile centre of {store.path}; `dask-fp info` lists"
+                             " the sources (a tile is in a polygon when its centre is).")
         rows.append(r)
     allrows = np.unique(np.concatenate(rows)) if rows else np.empty(0, np.int64)
     c = store.coords(allrows)
@@ -169,6 +171,19 @@ def resolve(store: Store, examples: Sequence[Example], *, what: str = "positive"
     tiles = tuple((int(s), int(y), int(x)) for s, y, x in zip(c["source"], c["wy"], c["wx"], strict=True))
     return Labelled(vecs, allrows, tiles, np.asarray(c["uid"], np.int64),
                     np.column_stack([c["lon"], c["lat"]]) if allrows.size else np.empty((0, 2)), tuple(images))
+
+
+def _point_queries(store: Store, points: list[tuple[float, float, str]], what: str) -> list[Query]:
+    """:func:`lonlat_queries` of the points; an error names the example (and file) of the point that failed."""
+    try:
+        return lonlat_queries(store, [(lon, lat) for lon, lat, _ in points])
+    except QueryError:
+        for lon, lat, origin in points:  # only on failure: find the point and name where it came from
+            try:
+                lonlat_queries(store, [(lon, lat)])
+            except QueryError as e:
+                raise QueryError(f"{what} {origin}: {e}") from None
+        raise
 
 
 def _uid_of(q: Query) -> int:
@@ -201,11 +216,20 @@ def combined_query(store: Store, positives: Sequence[Example], negatives: Sequen
     if len(pos) == 0:
         raise QueryError("positives is empty: a combined query needs at least one positive example.")
     neg = resolve(store, negatives, what="negative", model=model)
-    both = set(pos.rows.tolist()) & set(neg.rows.tolist())
-    if both:
-        raise QueryError(f"rows {sorted(both)[:5]} are labelled both positive and negative; drop one label.")
+    check_disjoint(pos, neg)
     label = _plural(len(pos), "positive") + (", " + _plural(len(neg), "negative") if len(neg) else "")
-    return Query(label, rocchio(pos.vectors, neg.vectors, beta), None, None, exclude=pos.tiles + neg.tiles)
+    return Query(label, rocchio(pos.vectors, neg.vectors, beta), None, None, exclude=pos.tiles + neg.tiles,
+                 shown=pos.tiles[0] if pos.tiles else None)
+
+
+def check_disjoint(pos: Labelled, neg: Labelled) -> None:
+    """A QueryError naming the uids of stored tiles that are among both the positives and the negatives."""
+    both = np.isin(pos.rows, neg.rows)
+    if both.any():
+        uids = sorted(int(u) for u in pos.uids[both])
+        raise QueryError(f"tile{'s' * (len(uids) > 1)} {', '.join(map(str, uids[:5]))}"
+                         f"{' …' if len(uids) > 5 else ''} labelled both positive and negative (a polygon or"
+                         " point example may cover a tile labelled the other way); drop one label.")
 
 
 def _plural(n: int, word: str) -> str:

@@ -116,22 +116,28 @@ def tile_pixels(hits: Hits, source: int, wy: int, wx: int) -> np.ndarray:
 def mosaic(hits: Hits, query: int, path: str | os.PathLike[str], *, columns: int = 6, panel: int = 192) -> str:
     """Write the query tile and its hits as a grid PNG (rank and distance under each).
 
-    The first panel is the query (framed in blue); the others are the hits in
-    rank order. Each panel is ``panel`` pixels square with a caption strip.
+    The first panel is the query (framed in blue): its picture or stored tile,
+    for a combined query or a classifier the positive stored tile that comes
+    first in the store (``Query.shown``), else blank. The others are the hits in rank order.
+    Each panel is ``panel`` pixels square with a caption strip.
     """
     from PIL import Image, ImageDraw
 
     q = hits.queries[query]
     rows = hits.for_query(query)
+    caption = "query"
     if q.pixels is not None:
         first = q.pixels
     elif q.own is not None:
         first = tile_pixels(hits, *q.own)
+    elif q.shown is not None:
+        first, caption = tile_pixels(hits, *q.shown), "query: its first positive"
     else:
         first = np.zeros((panel, panel, 3), np.uint8)
-    panels = [(first, "query", q.label)]
+    panels = [(first, caption, q.label)]
     for r in rows.itertuples(index=False):
-        panels.append((tile_pixels(hits, r.source, r.wy, r.wx), f"#{r.rank}  d={r.distance:.3g}",
+        value = f"p={r.score:.3f}" if hits.rank_by == "score" else f"d={r.distance:.3g}"
+        panels.append((tile_pixels(hits, r.source, r.wy, r.wx), f"#{r.rank}  {value}",
                        f"{Path(r.path).name} ({r.wy},{r.wx})"))
     cap = 30
     ncol = min(columns, len(panels))
@@ -167,10 +173,15 @@ def _fit(draw: Any, text: str, width: int) -> str:
     return ""
 
 
-def write_outputs(hits: Hits, out_dir: str | os.PathLike[str]) -> dict[str, Any]:
+def write_outputs(hits: Hits, out_dir: str | os.PathLike[str], *, mosaic_hits: int | None = None) -> dict[str, Any]:
     """``hits.csv``, ``hits.geojson`` (+ ``hits-pixels.geojson``), one mosaic per query, and
     the places (``places.geojson``, ``places.parquet``) and score rasters (``scores-*.tif``)
-    of :mod:`dask_fp.places`."""
+    of :mod:`dask_fp.places`.
+
+    Every file holds every hit, except the mosaics: with ``mosaic_hits``, each
+    shows only the best ``mosaic_hits`` hits of its query (a classifier's
+    thousands of hits do not fit in one picture).
+    """
     from .places import score_rasters, write_places
 
     d = Path(out_dir)
@@ -182,7 +193,7 @@ def write_outputs(hits: Hits, out_dir: str | os.PathLike[str]) -> dict[str, Any]
         files["geojson_pixels"] = str(d / "hits-pixels.geojson")
     for i in range(len(hits.queries)):
         name = "mosaic.png" if len(hits.queries) == 1 else f"mosaic-{i}.png"
-        files["mosaics"].append(mosaic(hits, i, d / name))
+        files["mosaics"].append(mosaic(hits if mosaic_hits is None else hits.head(mosaic_hits), i, d / name))
     for old in d.glob("scores-q*-s*.tif"):  # never leave rasters of an earlier run beside new ones
         old.unlink()
     try:

@@ -34,6 +34,9 @@ class Query:
     own: tuple[int, int, int] | None = None  # (source, wy, wx) when taken from the store
     pixels: np.ndarray | None = None  # (T, T, 3) uint8 for image queries
     exclude: tuple[tuple[int, int, int], ...] = ()
+    #: A stored tile that stands for the query in pictures when it has no ``own`` tile or ``pixels``
+    #: (a combined query's or a classifier's positive tile that comes first in the store).
+    shown: tuple[int, int, int] | None = None
 
     def excluded(self) -> list[tuple[int, int, int]]:
         """Every stored tile this query leaves out of its hits (its own, then ``exclude``)."""

@@ -258,6 +258,37 @@ def score_pass(
     return -neg[0], rows[0]
 
 
+def _score_piece(block: tuple[np.ndarray, ...], **kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`score_chunk` of a streamed piece ``(x, norm2, rows[, lon, lat, source])`` (``norm2`` unused)."""
+    return score_chunk((block[0], *block[2:]), **kwargs)
+
+
+def stream_score(store: Store, coef: np.ndarray, intercept: float, *, k: int | None = None,
+                 min_logit: float | None = None, split_every: int | None = None, where: RowFilter | None = None,
+                 blocks: Sequence[int] | None = None,
+                 step_bytes: int = STREAM_READ_BYTES) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`score_pass` over a store read from Zarr (not persisted), like :func:`stream_knn`.
+
+    Each task reads its rows a few Zarr chunks at a time and scores each piece
+    while it is in cache. Returns ``logits, rows`` as :func:`score_pass`.
+    """
+    from dask.base import tokenize
+
+    coef = np.asarray(coef, dtype=np.float64).ravel()
+    if coef.shape[0] != store.dim:
+        raise QueryError(f"the classifier has {coef.shape[0]} weights; the store has {store.dim} features")
+    m = ALL if k is None else int(k)
+    if m < 1:
+        raise QueryError(f"k must be at least 1, got {m}")
+    chunk = partial(_score_piece, coef=coef, intercept=float(intercept), m=m, min_logit=min_logit, where=where)
+    desc = stream_blocks(store, chunk, m, filtered=where is not None, blocks=blocks, step_bytes=step_bytes,
+                         token=tokenize("score", coef, float(intercept), m, min_logit, where))
+    if desc is None:
+        return np.empty(0, np.float64), np.empty(0, np.int64)
+    neg, rows = _tree(desc, _passthrough, m, split_every, "score")
+    return -neg[0], rows[0]
+
+
 # --------------------------------------------------------------------------- a whole store
 
 #: Per-tile columns a search returns with its hits (what :class:`~dask_fp.hits.Hits` tables show):

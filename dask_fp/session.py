@@ -36,8 +36,9 @@ def read_labels(path: str | os.PathLike[str]) -> tuple[list[Example], list[Examp
 
     Each feature needs a ``label`` property, ``positive`` or ``negative``. A
     feature with a ``uid`` property is that stored tile; else one with an
-    ``image`` property is that picture; else its geometry (a point: the tile
-    that holds it; a polygon: every tile whose centre lies in it).
+    ``image`` property is that picture (a relative path is relative to the
+    labels file's folder); else its geometry (a point: the tile that holds it;
+    a polygon: every tile whose centre lies in it).
     """
     p = str(path)
     if not is_vector_file(p):
@@ -51,9 +52,13 @@ def read_labels(path: str | os.PathLike[str]) -> tuple[list[Example], list[Examp
                              " or 'negative' in a 'label' property.")
         uid, image = pr.get("uid"), pr.get("image")
         if uid is not None and uid == uid:  # not null / NaN
-            out[label].append(int(uid))
+            try:
+                out[label].append(int(uid))
+            except (TypeError, ValueError):
+                raise QueryError(f"labels file {p}: feature {i} has uid {uid!r}; a uid is a whole number (as"
+                                 " in a hits table or a file written by SearchSession.save).") from None
         elif image:
-            out[label].append(str(image))
+            out[label].append(os.path.join(os.path.dirname(p), str(image)))
         elif g is not None:
             out[label].append(g)
         else:
@@ -94,7 +99,7 @@ class SearchSession:
             negatives: Example | Sequence[Example] = ()) -> SearchSession:
         """Add examples (see :func:`dask_fp.search`); a uid labelled again takes its new label."""
         pos, neg = as_examples(positives), as_examples(negatives)
-        self._check(pos + neg)
+        self._check(pos, neg)
         for new, other in ((pos, self.negatives), (neg, self.positives)):
             uids = {int(e) for e in new if isinstance(e, int | np.integer)}
             other[:] = [e for e in other if not (isinstance(e, int | np.integer) and int(e) in uids)]
@@ -102,10 +107,11 @@ class SearchSession:
         self.negatives += [e for e in neg if not _has(self.negatives, e)]
         return self
 
-    def _check(self, examples: list[Example]) -> None:
+    def _check(self, positives: list[Example], negatives: list[Example]) -> None:
         """Resolve the new examples once now, so a bad one is refused when added, not at the next search."""
-        if examples:
-            resolve(self.store, examples, what="example", model=self.model)
+        for what, examples in (("positive", positives), ("negative", negatives)):
+            if examples:
+                resolve(self.store, examples, what=what, model=self.model)
 
     def add_hits(self, hits: Hits, ranks: Iterable[int], positive: bool = True, query: int = 0) -> SearchSession:
         """Label the hits of ``query`` at these 1-based ``ranks`` (as in ``hits.table``)."""
@@ -147,9 +153,9 @@ class SearchSession:
                                           "properties": {"label": label}})
                         elif g is not None:
                             tiles.append(g)
-                elif isinstance(e, str | os.PathLike):
+                elif isinstance(e, str | os.PathLike):  # absolute: the labels file may be read elsewhere
                     feats.append({"type": "Feature", "geometry": None,
-                                  "properties": {"label": label, "image": str(e)}})
+                                  "properties": {"label": label, "image": os.path.abspath(e)}})
                 else:
                     tiles.append(e)
             r = resolve(self.store, tiles, what=label, model=self.model)
@@ -162,7 +168,7 @@ class SearchSession:
         """Write the labels as a GeoJSON FeatureCollection (WGS84) and return its path."""
         p = Path(path)
         fc = {"type": "FeatureCollection", "features": self.features(),
-              "dask_fp_store": str(self.store.path)}
+              "dask_fp_store": os.path.abspath(str(self.store.path))}
         tmp = p.with_name(p.name + ".tmp")
         tmp.write_text(json.dumps(fc))
         os.replace(tmp, p)
@@ -171,9 +177,47 @@ class SearchSession:
     @classmethod
     def load(cls, store: Store | str | os.PathLike[str], path: str | os.PathLike[str], *,
              model: ModelOptions | None = None) -> SearchSession:
-        """A session with the labels of ``path`` (see :func:`read_labels`)."""
+        """A session with the labels of ``path`` (see :func:`read_labels`).
+
+        A label the store cannot resolve (an unknown uid, a missing picture, a
+        polygon over no stored tile), or a uid whose tile is not where the
+        feature's point says (labels saved from another store), is a
+        QueryError that names ``path``.
+        """
         pos, neg = read_labels(path)
-        return cls(store, model=model).add(positives=pos, negatives=neg)
+        session = cls(store, model=model)
+        try:
+            _check_uid_points(session.store, path)
+            return session.add(positives=pos, negatives=neg)
+        except QueryError as e:
+            raise QueryError(f"labels file {path}: {e}") from None
+
+
+#: Largest distance (degrees) between a labels file's point and the centre of the tile its uid names.
+UID_POINT_TOLERANCE = 1e-6
+
+
+def _check_uid_points(store: Store, path: str | os.PathLike[str]) -> None:
+    """Refuse a labels file whose uid features' points are not at their tiles' centres in ``store``.
+
+    :meth:`SearchSession.save` writes each labelled tile as its uid and a Point
+    at its centre. A uid names a window of a source *index*, so in another
+    store it is another tile (or none): the points tell.
+    """
+    from .examples import uid_rows
+
+    geoms, props = read_vector(path)
+    feats = [(i, int(pr["uid"]), g) for i, (g, pr) in enumerate(zip(geoms, props, strict=True))
+             if pr.get("uid") is not None and pr["uid"] == pr["uid"] and g is not None and g.geom_type == "Point"]
+    if not feats:
+        return
+    c = store.coords(uid_rows(store, [u for _, u, _ in feats]))
+    for (i, u, g), lon, lat in zip(feats, c["lon"], c["lat"], strict=True):
+        if not (abs(g.x - lon) <= UID_POINT_TOLERANCE and abs(g.y - lat) <= UID_POINT_TOLERANCE):
+            raise QueryError(f"feature {i} has uid {u}, the tile centred at {lon:.7f},{lat:.7f} in {store.path},"
+                             f" but its point is at {g.x:.7f},{g.y:.7f}: these labels were saved from another"
+                             " store. Load them into that store, or drop the uid properties to label the tiles"
+                             " under the points.")
 
 
 def _has(examples: list[Example], e: Example) -> bool:

@@ -136,3 +136,40 @@ def test_classifier_with_area_and_pictures_of_points(store):
     rows = np.flatnonzero(allowed)
     order = rows[np.lexsort((rows, -dec[rows]))][:30]
     np.testing.assert_array_equal(hits.table["row"], order)
+
+
+def test_streamed_and_persisted_stores_score_alike(client, store):
+    """classify streams a store from Zarr (``stream_score``), or scores a persisted one in memory
+    (``score_pass``): both equal the sklearn oracle, with an area filter too."""
+    from dask_fp.scan import stream_score
+
+    prow, nrow = _labels(store, np.random.default_rng(4))
+    uid = store.cols["uid"]
+    kw = dict(positives=[int(uid[r]) for r in prow], negatives=[int(uid[r]) for r in nrow])
+    lon, lat = store.cols["lon"], store.cols["lat"]
+    a = np.flatnonzero(store.cols["source"] == 0)
+    bbox = (float(lon[a].min()), float(np.median(lat[a])), float(lon[a].max()), float(lat[a].max()))
+    dec, prob, allowed = _oracle(store, prow, nrow)
+    from shapely.geometry import Point
+
+    in_box = np.array([bool(np.isfinite(x) and Point(x, y).intersects(box(*bbox))) for x, y in zip(lon, lat,
+                                                                                                   strict=True)])
+    with dask.config.set(scheduler=client):
+        streamed = store.open()
+        persisted = store.open().persist()
+        for st in (streamed, persisted):
+            assert st.persisted is (st is persisted)
+            top = classify(st, k=40, split_every=2, **kw)
+            rows = np.flatnonzero(allowed)
+            np.testing.assert_array_equal(top.table["row"], rows[np.lexsort((rows, -dec[rows]))][:40])
+            inside = classify(st, threshold=0.5, area=bbox, **kw)
+            near = np.abs(prob - 0.5) < 1e-9
+            exp = set(np.flatnonzero(allowed & in_box & (prob >= 0.5) & ~near).tolist())
+            assert exp <= set(inside.table["row"].tolist()) <= exp | set(np.flatnonzero(near).tolist())
+            assert len(exp) > 100
+        # the streamed pass alone, one Zarr chunk per read, every row (labelled ones too)
+        clf = top.classifier
+        s, r = stream_score(streamed, clf.coef_[0], float(clf.intercept_[0]), k=25, step_bytes=1)
+        every = np.arange(len(dec))
+        np.testing.assert_array_equal(r, every[np.lexsort((every, -dec))][:25])
+        np.testing.assert_allclose(s, dec[r], rtol=1e-9)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import dask
+import numpy as np
 import pytest
 
 from dask_fp.cli import main
@@ -119,6 +120,44 @@ def test_cli_positives_negatives_area_and_labels_round_trip(query_store, tmp_pat
     assert all(h["distance"] is None for h in got)
     gj = json.loads((out_dir / "hits.geojson").read_text())  # valid JSON: no NaN
     assert len(gj["features"]) == len(got) and gj["features"][0]["properties"]["distance"] is None
+    # places and the score raster hold every hit, not only the ones in the mosaic
+    import geopandas
+    import rasterio
+
+    assert geopandas.read_parquet(out_dir / "places.parquet")["n_tiles"].sum() == len(got)
+    with rasterio.open(out_dir / "scores-q0-s0.tif") as ds:
+        assert np.isfinite(ds.read(1)).sum() == len(got)
+    assert json.loads(captured.out)["files"]["places_geoparquet"] == str(out_dir / "places.parquet")
+
+
+def test_cli_classify_out_writes_every_hit_beyond_the_mosaic(query_store, tmp_path, capsys):
+    """More hits than the mosaic shows (35): the CSV, GeoJSON, places and score raster hold them all."""
+    b = query_store
+    uid = b.cols["uid"]
+    fp = b.fingerprint
+    order = np.argsort(fp[:, 0])  # label by one feature: a linear model separates them
+    argv = ["classify", str(b.path), "--threshold", "0", "--workers", "1", "--out", str(tmp_path)]
+    for r in order[-3:]:
+        argv += ["--positive", str(int(uid[r]))]
+    for r in order[:3]:
+        argv += ["--negative", str(int(uid[r]))]
+    rc = main(argv)
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    n = len(fp) - 6  # threshold 0: every unlabelled tile
+    assert n > 35
+    import geopandas
+    import pandas as pd
+    import rasterio
+
+    assert len(pd.read_csv(tmp_path / "hits.csv")) == n
+    assert len(json.loads((tmp_path / "hits.geojson").read_text())["features"]) == n
+    assert geopandas.read_parquet(tmp_path / "places.parquet")["n_tiles"].sum() == n
+    with rasterio.open(tmp_path / "scores-q0-s0.tif") as ds:
+        assert np.isfinite(ds.read(1)).sum() == n
+    wrote = [line for line in captured.out.splitlines() if line.startswith("wrote ")][0]
+    for name in ("hits.csv", "hits.geojson", "mosaic.png", "places.geojson", "places.parquet", "scores-q0-s0.tif"):
+        assert str(tmp_path / name) in wrote
 
 
 @pytest.mark.parametrize("argv, message", [

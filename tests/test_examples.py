@@ -424,3 +424,64 @@ def test_store_column_is_chunked_like_the_fingerprints(store):
         np.testing.assert_array_equal(col.compute(scheduler="sync"), store.cols[name])
     with pytest.raises(StoreError, match="no per-tile column 'fingerprint'"):
         st.column("fingerprint")
+
+
+def test_label_errors_name_the_file_and_the_tiles(store, tmp_path):
+    from dask_fp import SearchSession, read_labels
+
+    st = store.open()
+    u = int(store.cols["uid"][4])
+
+    def labels(name, *features):
+        p = tmp_path / name
+        p.write_text(json.dumps({"type": "FeatureCollection", "features": [
+            {"type": "Feature", "geometry": None, "properties": props} for props in features]}))
+        return p
+
+    with pytest.raises(QueryError, match=r"labels file .*baduid.geojson: feature 1 has uid 'abc'"):
+        read_labels(labels("baduid.geojson", {"label": "positive", "uid": u}, {"label": "negative", "uid": "abc"}))
+    with pytest.raises(QueryError, match=r"labels file .*unknown.geojson: uid 987654321 .* is not in"):
+        SearchSession.load(st, labels("unknown.geojson", {"label": "positive", "uid": 987654321}))
+    # a picture path in a labels file is relative to the file's folder
+    sub = tmp_path / "round1"
+    sub.mkdir()
+    pics = labels("round1/pics.geojson", {"label": "positive", "image": "chip.png"},
+                  {"label": "negative", "image": "/abs/other.png"})
+    assert read_labels(pics) == ([str(sub / "chip.png")], ["/abs/other.png"])
+    # a tile labelled both ways is named by its uid (not by a store row)
+    for kw in (dict(positives=[u], negatives=[u]),
+               dict(positives=[(float(store.cols["lon"][4]), float(store.cols["lat"][4]))], negatives=[u])):
+        with pytest.raises(QueryError, match=f"tile {u} labelled both positive and negative"):
+            search(st, k=3, **kw)
+        with pytest.raises(QueryError, match=f"tile {u} labelled both positive and negative"):
+            classify(st, k=3, **kw)
+    # a polygon file over no stored tile is named, with the label it was given
+    far = tmp_path / "far.geojson"
+    far.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {}, "geometry": shapely.geometry.mapping(box(10, 10, 11, 11))}]}))
+    with pytest.raises(QueryError, match=r"negative .*far.geojson: the polygon .* holds no stored tile centre"):
+        SearchSession(st).add(positives=[u], negatives=[far])
+    # so is a point file whose point no stored tile holds (the first point is fine, the second is not)
+    pts = tmp_path / "points.geojson"
+    pts.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {}, "geometry": {"type": "Point", "coordinates": list(xy)}}
+        for xy in ((float(store.cols["lon"][9]), float(store.cols["lat"][9])), (10.5, 10.5))]}))
+    with pytest.raises(QueryError, match=r"negative .*points.geojson: no stored tile contains lon/lat 10.5,10.5"):
+        search(st, positives=[u], negatives=[pts], k=3)
+
+
+def test_labels_saved_from_another_store_are_refused(store, tmp_path):
+    """A uid names a window of a source index: in another store it is another tile. The saved points tell."""
+    from dask_fp import SearchSession
+
+    st = store.open()
+    a = np.flatnonzero(store.cols["source"] == 0)
+    uid = store.cols["uid"]
+    path = SearchSession(st).add(positives=[int(uid[a[3]])], negatives=[int(uid[a[60]])]).save(tmp_path / "l.geojson")
+    assert SearchSession.load(st, path).negatives == [int(uid[a[60]])]  # the store it came from: fine
+    fc = json.loads((tmp_path / "l.geojson").read_text())
+    fc["features"][1]["geometry"]["coordinates"][0] += 0.01  # as if tile a[60] lay elsewhere
+    moved = tmp_path / "moved.geojson"
+    moved.write_text(json.dumps(fc))
+    with pytest.raises(QueryError, match=rf"moved.geojson: feature 1 has uid {int(uid[a[60]])}, .* another store"):
+        SearchSession.load(st, moved)

@@ -198,3 +198,24 @@ def test_mosaic_of_a_vector_query_and_of_an_image_query(built, tmp_path):
     assert (a.shape[1], a.shape[0]) == (b.shape[1], b.shape[0]) == _layout(3)
     assert (_panel(a, 0)[0] == 0).all()  # no pixels to show: a black panel
     assert (_panel(b, 0)[0] == 77).all()  # the query picture
+
+
+def test_mosaic_of_a_combined_query_and_a_classifier_shows_the_first_positive(built, tmp_path):
+    import rasterio
+    from PIL import Image
+    from rasterio.windows import Window
+
+    from dask_fp import classify
+
+    uid = built.cols["uid"]
+    pos = [int(uid[built.row_of(0, 3, 4)]), int(uid[built.row_of(0, 1, 1)])]
+    neg = [int(uid[built.row_of(0, 5, 7)])]
+    with dask.config.set(SYNC):
+        combined = search(built.open(), positives=pos, negatives=neg, k=3)
+        scored = classify(built.open(), positives=pos, negatives=neg, k=3)
+    with rasterio.open(built.open().sources[0]["path"]) as ds:  # the first positive's pixels, read here
+        first = ds.read(window=Window(1 * 32, 1 * 32, 64, 64)).transpose(1, 2, 0)
+    # the first positive is the lowest stored row among the positives: window (1, 1)
+    for hits, name in ((combined, "c.png"), (scored, "s.png")):
+        img = np.asarray(Image.open(mosaic(hits, 0, tmp_path / name)).convert("RGB"))
+        np.testing.assert_array_equal(_panel(img, 0)[0], _resized(first))

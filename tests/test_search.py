@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
+from dask_fp.classify import classify
 from dask_fp.errors import QueryError
 from dask_fp.kernels import candidates_needed, dedup_mask, knn_chunk, knn_merge, top_m
 from dask_fp.scan import knn
@@ -339,8 +340,9 @@ def _topk_merge(best, d, r, k):
 
 @pytest.mark.slow
 def test_store_larger_than_cluster_memory_streams(tmp_path_factory):
-    """A 1.5 GiB store (float32) on two workers of 600 MiB each: the query streams it
-    chunk by chunk, equals a numpy brute force exactly, and no worker dies or restarts.
+    """A 1.5 GiB store (float32) on two workers of 600 MiB each: the query, and the
+    classifier's scoring pass (``dask_fp.classify``, issue 12 item 3), stream it chunk by
+    chunk, equal a numpy brute force, and no worker dies or restarts.
 
     A worker with its imports already holds about 200 MiB, so the limit leaves room for a
     few chunks in flight and no more. Dask's pause threshold is off: a paused worker whose
@@ -372,11 +374,25 @@ def test_store_larger_than_cluster_memory_streams(tmp_path_factory):
     q = q.astype(np.float32)
     qn = np.einsum("ij,ij->i", q, q)
     best = (np.empty((len(q), 0), np.float32), np.empty((len(q), 0), np.int64))
+    # the classifier's oracle: sklearn fitted on the labelled rows (known before the store is written),
+    # its decision function over every other row, top k by (score desc, row) kept while writing
+    from sklearn.linear_model import LogisticRegression
+
+    prow, nrow = [17, 200_003, 511_111, 700_000], [5, 300_001, 650_000]
+    lab = np.stack([data(r // batch)[r % batch] for r in prow + nrow]).astype(np.float64)
+    oracle = LogisticRegression(class_weight="balanced", max_iter=1000).fit(lab, [1] * 4 + [0] * 3)
+    coef, icpt = oracle.coef_[0], float(oracle.intercept_[0])
+    top = (np.empty(0), np.empty(0, np.int64))
 
     def batches():  # the writer never holds more than a batch; the brute force runs alongside
-        nonlocal best
+        nonlocal best, top
         for b, i in enumerate(range(0, n, batch)):
             x = data(b)
+            sc, sr = x.astype(np.float64) @ coef + icpt, np.arange(i, i + len(x))
+            keep = ~np.isin(sr, prow + nrow)  # labelled tiles are not hits
+            cs, cr = np.concatenate([top[0], sc[keep]]), np.concatenate([top[1], sr[keep]])
+            o = np.lexsort((cr, -cs))[:k]
+            top = (cs[o], cr[o])
             # exact in float32: every product and sum is an integer below 2**24
             d = np.einsum("ij,ij->i", x, x)[None, :] - 2 * (q @ x.T) + qn[:, None]
             r = np.arange(i, i + len(x))
@@ -403,12 +419,17 @@ def test_store_larger_than_cluster_memory_streams(tmp_path_factory):
             before = set(workers), c.run(os.getpid)
             with dask.config.set(scheduler=c):
                 got_d, got_r = knn(st_.fingerprints(), st_.norm2(), q, k)
+                uid_of = [int(make_uid(0, r // 1024, r % 1024)) for r in prow + nrow]
+                scored = classify(st_, positives=uid_of[:4], negatives=uid_of[4:], k=k)
             after = set(c.scheduler_info()["workers"]), c.run(os.getpid)
             assert before == after and len(after[0]) == 2  # same two workers, same processes
         np.testing.assert_array_equal(got_r, best[1])
         np.testing.assert_array_equal(got_d, best[0])
         assert got_r[2, 0] == own and got_d[2, 0] == 0.0
         assert got_r[3, 0] == own and got_d[3, 0] == float(((nudged - stored) ** 2).sum())
+        np.testing.assert_array_equal(scored.table["row"], top[1])
+        np.testing.assert_allclose(scored.table["score"], 1 / (1 + np.exp(-top[0])), rtol=1e-9)
+        np.testing.assert_allclose(scored.classifier.coef_[0], coef, rtol=1e-6)
     finally:
         shutil.rmtree(path, ignore_errors=True)
 
