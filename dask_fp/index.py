@@ -34,9 +34,11 @@ below the candidate cut (recall, measured in ``bench/codes.py``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -233,7 +235,7 @@ def build_index(
 
     t0 = time.perf_counter()
     open_store(path)  # a clear error for a path that is not a store, before locking
-    with writer_lock(_path(path), wait=wait), _as_current(client):
+    with writer_lock(Path(path), wait=wait), _as_current(client):
         st = open_store(path)
         if st.committed < 2:
             raise StoreError(f"{st.path}: {st.committed} committed rows; ingest some before building an index.")
@@ -267,7 +269,7 @@ def extend_index(path: str | os.PathLike[str] | Store, *, client: Any = None, wa
     if isinstance(path, Store):
         return _extend(path, client)
     open_store(path)
-    with writer_lock(_path(path), wait=wait):
+    with writer_lock(Path(path), wait=wait):
         return _extend(open_store(path), client)
 
 
@@ -413,22 +415,6 @@ def code_search(
     return knn_merge(parts, m=m)
 
 
-def _path(path: str | os.PathLike[str]) -> Any:
-    from pathlib import Path
-
-    return Path(path)
-
-
-class _as_current:
+def _as_current(client: Any) -> Any:
     """``client.as_current()`` when a client is given, else nothing."""
-
-    def __init__(self, client: Any) -> None:
-        self.cm = client.as_current() if client is not None else None
-
-    def __enter__(self) -> None:
-        if self.cm is not None:
-            self.cm.__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.cm is not None:
-            self.cm.__exit__(*exc)
+    return client.as_current() if client is not None else contextlib.nullcontext()
