@@ -78,7 +78,8 @@ def test_read_rows_in_any_order_with_repeats_equals_the_written_rows(stores, whi
     n = st.committed
     rng = np.random.default_rng(0)
     for rows in (rng.integers(0, n, 300), np.array([n - 1, 0, 0, RPC - 1, RPC, RPC + 1, n - 1]),
-                 np.arange(RPC - 3, 3 * RPC + 2), np.array([5])):
+                 np.arange(RPC - 3, 3 * RPC + 2), np.array([5]),
+                 np.arange(0, n, 2)[::-1]):  # > 64 runs of one row: read by several threads
         np.testing.assert_array_equal(st.read("fingerprint", rows), built.fingerprint[rows])
     assert st.read("fingerprint", np.array([], np.int64)).shape == (0, DIM)
 

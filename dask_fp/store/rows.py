@@ -82,38 +82,43 @@ def read_rows(arr: Any, files: ChunkFiles, rows: np.ndarray) -> np.ndarray:
 
 def _read_raw(files: ChunkFiles, lay: RawLayout, uniq: np.ndarray) -> np.ndarray:
     out = np.empty((len(uniq), *lay.tail), dtype=lay.dtype)
+    if not len(uniq):
+        return out
     flat = out.reshape(len(uniq), -1).view(np.uint8).reshape(len(uniq), lay.row_bytes)
-    which = uniq // lay.rows
-    bounds = np.flatnonzero(np.diff(which)) + 1
-    parts = [p for p in np.split(np.arange(len(uniq)), bounds) if len(p)]
+    which, local = np.divmod(uniq, lay.rows)
+    # Runs of consecutive rows of one file are one read each, straight into ``out``.
+    starts = np.flatnonzero(np.diff(which, prepend=-1) | (np.diff(local, prepend=-2) != 1))
+    runs = list(zip(starts.tolist(), np.append(starts[1:], len(uniq)).tolist(), strict=True))
 
-    def one_file(part: np.ndarray) -> None:
-        chunk = int(which[part[0]])
-        key = files.key(chunk, files.tails[0])
-        path = os.path.join(files.root, key)
-        local = uniq[part] - chunk * lay.rows
-        fd = os.open(path, os.O_RDONLY)
+    def read_runs(lo: int, hi: int) -> None:
+        fd, open_chunk, key = -1, -1, ""
         try:
-            # Runs of consecutive rows are one read each.
-            starts = np.flatnonzero(np.diff(local, prepend=-2) != 1)
-            ends = np.append(starts[1:], len(local))
-            for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
-                want = (e - s) * lay.row_bytes
-                buf = os.pread(fd, want, int(local[s]) * lay.row_bytes)
-                if len(buf) != want:
+            for s, e in runs[lo:hi]:
+                chunk = int(which[s])
+                if chunk != open_chunk:
+                    if fd >= 0:
+                        os.close(fd)
+                        fd = -1
+                    key = files.key(chunk, files.tails[0])
+                    fd = os.open(os.path.join(files.root, key), os.O_RDONLY)
+                    open_chunk = chunk
+                got = os.preadv(fd, [flat[s:e].data], int(local[s]) * lay.row_bytes)
+                if got != (e - s) * lay.row_bytes:
                     raise StoreError(
-                        f"{files.root}: chunk file {key} is shorter than its rows ({len(buf)} of {want} bytes at"
-                        f" row {int(uniq[part[s]])}); the store is damaged. Restore it from a backup, or ingest"
-                        " the sources again into a new store."
+                        f"{files.root}: chunk file {key} is shorter than its rows ({got} of"
+                        f" {(e - s) * lay.row_bytes} bytes at row {int(uniq[s])}); the store is damaged. Restore"
+                        " it from a backup, or ingest the sources again into a new store."
                     )
-                flat[part[s] : part[e - 1] + 1] = np.frombuffer(buf, np.uint8).reshape(e - s, lay.row_bytes)
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
 
-    if len(parts) <= 2:
-        for p in parts:
-            one_file(p)
+    # One slice of the runs per thread (a future per run costs more than its read).
+    n = min(READ_THREADS, -(-len(runs) // 64))
+    cuts = np.linspace(0, len(runs), n + 1).astype(int).tolist()
+    if n <= 1:
+        read_runs(0, len(runs))
     else:
-        with ThreadPoolExecutor(min(READ_THREADS, len(parts))) as pool:
-            list(pool.map(one_file, parts))
+        with ThreadPoolExecutor(n) as pool:
+            list(pool.map(read_runs, cuts[:-1], cuts[1:]))
     return out
