@@ -201,7 +201,7 @@ def size_section(n: int, real512: np.ndarray, args: argparse.Namespace, client: 
         out["note"] = (f"{n * DIM * 4 / 2**30:.1f} GiB of fingerprints exceed the cluster memory limit"
                        f" ({args.cluster_bytes / 2**30:.0f} GiB): exact search can only stream")
     say(f"  exact persisted {out['exact_persisted_s']}")
-    idx._persisted = None
+    idx._persisted = idx._blocks = None
     if x is not None:
         out.update(faiss_rows(x, qs, truth, fresh, args.repeats, args.hnsw_max, args.hnsw_budget_s))
     out["load_avg_end"] = os.getloadavg()

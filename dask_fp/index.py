@@ -136,6 +136,7 @@ class Index:
             raise StoreError(f"{store.path}: index/codes holds fewer rows than its {self.indexed} indexed;"
                              f" rebuild it with `dask-fp index {store.path}`.")
         self._persisted: Any = None
+        self._blocks: list[tuple[Any, int]] | None = None
 
     def codes(self) -> Any:
         """Codes of the indexed rows as a dask array, :data:`CODE_TASK_ROWS` rows (whole Zarr chunks) per task."""
@@ -148,11 +149,31 @@ class Index:
         return da.from_zarr(self.codes_array, chunks=(rows, -1))[: self.indexed]
 
     def persist(self) -> Index:
-        """Keep the codes in (cluster) memory."""
+        """Keep the codes in (cluster) memory.
+
+        On a distributed cluster the blocks' futures are kept too, so a query submits
+        one task per block and one merge (:func:`code_candidates`), with no array graph to
+        build and optimise per query.
+        """
         import dask
 
-        (self._persisted,) = dask.persist(self.codes())
+        (arr,) = dask.persist(self.codes())
+        self._persisted, self._blocks = arr, None
+        try:
+            from distributed import futures_of
+        except ImportError:  # pragma: no cover - distributed is a dependency
+            return self
+        futs = {f.key: f for f in futures_of(arr)}
+        keys = [k[0] for k in arr.__dask_keys__()]  # one chunk across the code bytes
+        if futs and all(k in futs for k in keys):
+            starts = np.concatenate([[0], np.cumsum(arr.chunks[0])[:-1]]).astype(int).tolist()
+            self._blocks = list(zip([futs[k] for k in keys], starts, strict=True))
         return self
+
+    @property
+    def blocks(self) -> list[tuple[Any, int]] | None:
+        """``(future, first row)`` of each persisted block on a distributed cluster, else None."""
+        return self._blocks
 
 
 def open_index(store: Store | str | os.PathLike[str]) -> Index:
@@ -315,18 +336,36 @@ def asym_chunk(
     return asym_top_m(codes, qcodes, tables, rows, m, pool)
 
 
+def block_candidates(codes: np.ndarray, start: int, *, qcodes: np.ndarray, tables: np.ndarray | None, m: int,
+                     pool: int) -> tuple[np.ndarray, np.ndarray]:
+    """One persisted block of codes (first row ``start``) → each query's ``m`` best, as :func:`code_candidates`."""
+    rows = np.arange(start, start + len(codes), dtype=np.int64)
+    if tables is None:
+        return hamming_top_m(codes, qcodes, rows, m)
+    return asym_top_m(codes, qcodes, tables, rows, m, pool)
+
+
 def code_candidates(codes: Any, qcodes: np.ndarray, m: int, *, tables: np.ndarray | None = None,
-                    pool: int | None = None, split_every: int | None = None) -> np.ndarray:
+                    pool: int | None = None, split_every: int | None = None,
+                    blocks: list[tuple[Any, int]] | None = None) -> np.ndarray:
     """Rows of each query's ``m`` best codes: one reduction over the dask array ``codes``.
 
     With ``tables`` (the queries' :func:`~dask_fp.codes.byte_tables`), each task
     keeps its ``pool`` nearest codes by Hamming distance and ranks them by the
-    asymmetric score; without, by Hamming distance alone.
+    asymmetric score; without, by Hamming distance alone. With ``blocks``
+    (:attr:`Index.blocks` of a persisted index), the same tasks are submitted
+    straight to the cluster, one per block, and merged by one task.
     """
     import dask.array as da
 
     if codes.shape[0] == 0:
         return np.empty((len(qcodes), 0), np.int64)
+    if blocks:
+        client = blocks[0][0].client
+        parts = [client.submit(block_candidates, fut, start, qcodes=qcodes, tables=tables, m=m, pool=pool or m,
+                               pure=False) for fut, start in blocks]
+        _, rows = client.submit(knn_merge, parts, m=m, pure=False).result()
+        return np.asarray(rows)
     packed = da.map_blocks(_pack_codes, codes, dtype=np.uint8, meta=np.empty((0, 0), dtype=np.uint8))
     if tables is None:
         chunk = partial(hamming_chunk, qcodes=qcodes, m=m)
@@ -406,7 +445,7 @@ def code_search(
         raise QueryError(f"candidates ({c}) must be at least k ({m})")
     z = project(q, idx.params)
     cand = code_candidates(idx.codes(), np.packbits(z >= 0, axis=1), c, tables=byte_tables(z) if asymmetric else None,
-                           pool=max(c, pool or c), split_every=split_every)
+                           pool=max(c, pool or c), split_every=split_every, blocks=idx.blocks)
     parts = [rerank(store, q, cand, m)]
     if idx.indexed < store.committed:  # rows added since the index: scanned exactly
         lo = idx.indexed

@@ -108,6 +108,24 @@ def test_code_search_reranks_exactly_and_recalls_on_structured_data(client, stor
     assert (dh >= ed).all() and recall(er, rh) >= 0.9
 
 
+def test_persisted_index_submits_one_task_per_block_and_answers_alike(client, store_dir, monkeypatch):
+    """A persisted index on the cluster keeps its blocks' futures; code search over them equals the array path."""
+    monkeypatch.setattr("dask_fp.index.CODE_TASK_ROWS", 1)  # one task per Zarr chunk: several blocks to merge
+    build_index(store_dir.path, IndexOptions(nbits=64), client=client)
+    st = store_dir.open()
+    q = store_dir.fingerprint[::23] + np.float32(0.25)
+    fresh = open_index(st)
+    assert fresh.blocks is None  # not persisted: the dask.array reduction
+    held = open_index(st).persist()
+    assert held.blocks and len(held.blocks) > 1 and [start for _, start in held.blocks] == list(
+        np.concatenate([[0], np.cumsum(held.codes().chunks[0])[:-1]]))
+    for kw in ({}, {"candidates": 40}, {"candidates": 40, "asymmetric": False}, {"candidates": len(q)}):
+        want = code_search(st, q, 10, index=fresh, **kw)
+        got = code_search(st, q, 10, index=held, **kw)
+        np.testing.assert_array_equal(got[1], want[1])
+        np.testing.assert_array_equal(got[0], want[0])
+
+
 def test_stale_index_answers_exactly_for_new_rows_then_extends(client, store_dir):
     build_index(store_dir.path, IndexOptions(nbits=64), client=client)
     new = append_source(store_dir, 7, "c.tif")
