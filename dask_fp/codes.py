@@ -233,3 +233,33 @@ def asym_top_m(
     for i in range(len(pos)):
         neg[i] = -asym_scores(codes[pos[i]], tables[i])
     return top_m(neg, rows[pos], m)
+
+
+# --------------------------------------------------------------------------- per scan task
+
+
+def hamming_chunk(
+    block: tuple[np.ndarray, np.ndarray], *, qcodes: np.ndarray, m: int, axis: Any = None, keepdims: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Chunk step: a block ``(codes, rows)`` → each query's ``m`` nearest codes (Hamming, then row)."""
+    codes, rows = block
+    return hamming_top_m(codes, qcodes, rows, m)
+
+
+def asym_chunk(
+    block: tuple[np.ndarray, np.ndarray], *, qcodes: np.ndarray, tables: np.ndarray, m: int, pool: int,
+    axis: Any = None, keepdims: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Chunk step: a block ``(codes, rows)`` → each query's ``m`` best of its ``pool`` nearest codes
+    by asymmetric score (:func:`dask_fp.codes.asym_top_m`)."""
+    codes, rows = block
+    return asym_top_m(codes, qcodes, tables, rows, m, pool)
+
+
+def block_candidates(codes: np.ndarray, start: int, *, qcodes: np.ndarray, tables: np.ndarray | None, m: int,
+                     pool: int) -> tuple[np.ndarray, np.ndarray]:
+    """One persisted block of codes (first row ``start``) → each query's ``m`` best, as :func:`code_candidates`."""
+    rows = np.arange(start, start + len(codes), dtype=np.int64)
+    if tables is None:
+        return hamming_top_m(codes, qcodes, rows, m)
+    return asym_top_m(codes, qcodes, tables, rows, m, pool)

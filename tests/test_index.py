@@ -110,7 +110,7 @@ def test_code_search_reranks_exactly_and_recalls_on_structured_data(client, stor
 
 def test_persisted_index_submits_one_task_per_block_and_answers_alike(client, store_dir, monkeypatch):
     """A persisted index on the cluster keeps its blocks' futures; code search over them equals the array path."""
-    monkeypatch.setattr("dask_fp.index.CODE_TASK_ROWS", 1)  # one task per Zarr chunk: several blocks to merge
+    monkeypatch.setattr("dask_fp.index.layout.CODE_TASK_ROWS", 1)  # one task per Zarr chunk: several blocks to merge
     build_index(store_dir.path, IndexOptions(nbits=64), client=client)
     st = store_dir.open()
     q = store_dir.fingerprint[::23] + np.float32(0.25)

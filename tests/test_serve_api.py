@@ -447,7 +447,7 @@ def test_auto_follows_the_librarys_rule(api_ix: Any, indexed: Any, monkeypatch: 
 
     import dask_fp.index
 
-    monkeypatch.setattr(dask_fp.index, "AUTO_CODES_ROWS", 10)
+    monkeypatch.setattr(dask_fp.index.search, "AUTO_CODES_ROWS", 10)
     assert api_ix.get("/api/info").json()["method"] == "codes"
     uid = str(int(make_uid(0, 4, 6)))
     r = api_ix.post("/api/search", json={"positives": [uid], "k": 5})
