@@ -258,7 +258,8 @@ def asym_chunk(
 
 def block_candidates(codes: np.ndarray, start: int, *, qcodes: np.ndarray, tables: np.ndarray | None, m: int,
                      pool: int) -> tuple[np.ndarray, np.ndarray]:
-    """One persisted block of codes (first row ``start``) → each query's ``m`` best, as :func:`code_candidates`."""
+    """One persisted block of codes (first row ``start``) → each query's ``m`` best (a task of
+    :func:`dask_fp.index.code_candidates`): by asymmetric score with ``tables``, else by Hamming distance."""
     rows = np.arange(start, start + len(codes), dtype=np.int64)
     if tables is None:
         return hamming_top_m(codes, qcodes, rows, m)
