@@ -186,14 +186,18 @@ def make_filter(
     store: Store, area: Area | None = None, area_crs: Any = None,
     sources: Iterable[int | str | os.PathLike[str]] | None = None,
 ) -> RowFilter | None:
-    """A :class:`RowFilter` for ``area`` (in ``area_crs``, default WGS84) and ``sources``, or None."""
+    """A :class:`RowFilter` for ``area`` (in ``area_crs``, default WGS84) and ``sources``; None when there is
+    neither, or when the filter keeps every stored row (:func:`keeps_every_row`)."""
     if area is None and sources is None:
         if area_crs is not None:
             raise QueryError("area_crs given without an area.")
         return None
     geom, crs = area_geometry(area, area_crs) if area is not None else (None, None)
     idx = source_indices(store, sources) if sources is not None else None
-    return RowFilter(geometry=geom, crs=crs, sources=idx)
+    where = RowFilter(geometry=geom, crs=crs, sources=idx)
+    # A filter that keeps every row (e.g. an area around all the imagery) is no filter:
+    # the pass then costs what an unfiltered one does.
+    return None if keeps_every_row(store, where) else where
 
 
 def filter_columns(store: Store, where: RowFilter | None) -> list[Any] | None:
@@ -212,29 +216,52 @@ def rows_where(store: Store, where: RowFilter) -> np.ndarray:
     return np.flatnonzero(mask.compute()).astype(np.int64)
 
 
-def _source_may_hold(src: dict[str, Any], where: RowFilter) -> bool:
-    """False only when no window centre of ``src`` can lie in ``where``'s area (conservative)."""
+def _footprint(src: dict[str, Any], crs: str | None) -> Any:
+    """Source ``src``'s raster outline (densified) in ``crs`` (None: WGS84), or None without a CRS or
+    where the transform fails."""
     import shapely
     from pyproj import Transformer
 
-    if where.geometry is None:
-        return True
     if not src.get("crs"):
-        return False  # no CRS: NaN lon/lat, never inside an area
+        return None
     a, b, c, d, e, f = (float(v) for v in src["transform"][:6])
     h, w = (float(v) for v in src["shape"][:2])
     ring = shapely.segmentize(shapely.box(0, 0, w, h).exterior, max(w, h) / 32)
     px = shapely.get_coordinates(ring)
     xs, ys = a * px[:, 0] + b * px[:, 1] + c, d * px[:, 0] + e * px[:, 1] + f
-    t = Transformer.from_crs(src["crs"], where.crs or "EPSG:4326", always_xy=True)
+    t = Transformer.from_crs(src["crs"], crs or "EPSG:4326", always_xy=True)
     tx, ty = t.transform(xs, ys)
     pts = np.column_stack([tx, ty])
-    if not np.isfinite(pts).all():
+    return shapely.Polygon(pts) if np.isfinite(pts).all() else None
+
+
+def _source_may_hold(src: dict[str, Any], where: RowFilter) -> bool:
+    """False only when no window centre of ``src`` can lie in ``where``'s area (conservative)."""
+    if where.geometry is None:
         return True
-    foot = shapely.Polygon(pts)
+    if not src.get("crs"):
+        return False  # no CRS: NaN lon/lat, never inside an area
+    foot = _footprint(src, where.crs)
+    if foot is None:
+        return True
     minx, miny, maxx, maxy = foot.bounds
     margin = 0.02 * max(maxx - minx, maxy - miny) + 1e-9
     return bool(foot.buffer(margin).intersects(where.geometry))
+
+
+def keeps_every_row(store: Store, where: RowFilter) -> bool:
+    """True when ``where`` keeps every stored row: all sources, and an area that contains every
+    source's whole raster outline (window centres lie at least half a tile inside it)."""
+    indices = {int(s["index"]) for s in store.sources}
+    if where.sources is not None and not indices <= set(where.sources):
+        return False
+    if where.geometry is None:
+        return True
+    for s in store.sources:
+        foot = _footprint(s, where.crs)
+        if foot is None or not where.geometry.contains(foot):
+            return False
+    return True
 
 
 def candidate_blocks(store: Store, where: RowFilter | None, row_chunks: Sequence[int]) -> list[int] | None:

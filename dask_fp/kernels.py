@@ -137,8 +137,14 @@ class RowFilter:
             x, y = lon[idx], lat[idx]
             if self.crs is not None:
                 x, y = _to_crs(self.crs).transform(x, y)
-            shapely.prepare(self.geometry)
-            keep[idx] = shapely.intersects_xy(self.geometry, np.asarray(x), np.asarray(y))
+            x, y = np.asarray(x), np.asarray(y)
+            g = self.geometry
+            if g.geom_type == "Polygon" and shapely.equals(g, g.envelope):  # a rectangle: four comparisons
+                minx, miny, maxx, maxy = g.bounds
+                keep[idx] = (x >= minx) & (x <= maxx) & (y >= miny) & (y <= maxy)
+            else:
+                shapely.prepare(g)
+                keep[idx] = shapely.intersects_xy(g, x, y)
         return keep
 
 

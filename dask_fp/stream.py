@@ -20,6 +20,7 @@ import numpy as np
 from .kernels import knn_merge
 from .malloc import keep_buffers
 from .store.chunks import ChunkFiles, damage_error
+from .store.rows import read_span
 
 if TYPE_CHECKING:
     from .store import Store
@@ -47,11 +48,13 @@ class ZarrRows:
     committed: int
     step: int  # rows per read: whole chunks of every array
 
-    def read(self, lo: int, hi: int) -> list[np.ndarray]:
-        missing = [f for cf in self.files for f in cf.missing(cf.indices(lo, hi), self.committed)]
+    def read(self, lo: int, hi: int, which: Sequence[int] | None = None) -> list[np.ndarray]:
+        """Rows ``[lo, hi)`` of the arrays at positions ``which`` (all when None)."""
+        idx = range(len(self.arrays)) if which is None else which
+        missing = [f for i in idx for f in self.files[i].missing(self.files[i].indices(lo, hi), self.committed)]
         if missing:
             raise damage_error(self.root, missing, self.committed)
-        return [np.asarray(a[lo:hi]) for a in self.arrays]
+        return [read_span(self.arrays[i], self.files[i], lo, hi) for i in idx]
 
 
 def zarr_rows(store: Store, names: Sequence[str], step_bytes: int = STREAM_READ_BYTES) -> ZarrRows:
@@ -74,10 +77,12 @@ def _stream_block(*, reader: ZarrRows, starts: tuple[int, ...], chunk: Callable[
     lo = starts[info["chunk-location"][0]]
     hi = lo + info["chunk-shape"][0]
     best: tuple[np.ndarray, np.ndarray] | None = None
+    # A row filter's columns (8 B a row or less) are read once for the whole block, not per step.
+    extra = reader.read(lo, hi, range(2, len(reader.arrays)))
     for s in range(lo, hi, reader.step):
         e = min(s + reader.step, hi)
-        x, n2, *cols = reader.read(s, e)
-        part = chunk((x, n2, np.arange(s, e, dtype=np.int64), *cols))
+        x, n2 = reader.read(s, e, (0, 1))
+        part = chunk((x, n2, np.arange(s, e, dtype=np.int64), *(c[s - lo : e - lo] for c in extra)))
         best = part if best is None else knn_merge([best, part], m=m)
     return best  # type: ignore[return-value]  # every block holds rows
 

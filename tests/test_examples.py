@@ -80,7 +80,11 @@ def test_row_filter_mask_matches_pointwise_oracle():
     # the same area in UTM 17N: the test transforms the centres, not the polygon
     utm = box(480_000, 3_500_000, 500_000, 3_520_000)
     lon[5], lat[5] = -80.9, 31.6  # a centre on a vertex of the polygon counts as inside
+    rect = box(-81.1, 31.55, -80.9, 31.75)  # rectangles take a comparison path, not shapely's
+    lon[6], lat[6] = -81.1, 31.6  # on its left edge: inside
+    lon[7], lat[7] = -81.1000001, 31.6  # just outside
     for f, exp in [
+        (RowFilter(geometry=rect), inside(rect, lon, lat)),
         (RowFilter(geometry=poly), inside(poly, lon, lat)),
         (RowFilter(geometry=utm, crs=UTM17), inside(utm, lon, lat, UTM17)),
         (RowFilter(sources=(0, 2)), np.isin(src, [0, 2])),
@@ -247,6 +251,33 @@ def test_filtered_search_equals_brute_force_over_filtered_rows(client, store, tm
     d, r = brute_ranked(fp, qv, allowed)
     np.testing.assert_array_equal(hits.table["row"], r[:10])
     np.testing.assert_array_equal(hits.table["distance"], d[:10].astype(np.float32))
+
+
+def test_a_filter_that_keeps_every_row_is_dropped(client, tmp_path):
+    """An area containing every source's whole raster, with all sources, filters nothing: make_filter
+    gives None (the pass runs unfiltered); an area that misses one window centre stays a filter."""
+    from dask_fp.filters import make_filter
+    from dask_fp.search import Query
+
+    built = build_store(tmp_path / "s", [SourceSpec(shape=(640, 832), path="a.tif"),
+                                         SourceSpec(shape=(320, 384), path="c.tif",
+                                                    transform=(0.5, 0.0, 500_600.0, 0.0, -0.5, 3_500_000.0))],
+                        dim=12, rows_per_chunk=37, seed=5)
+    st = built.open()
+    lon, lat = built.cols["lon"], built.cols["lat"]
+    x, y = Transformer.from_crs("EPSG:4326", UTM17, always_xy=True).transform(lon, lat)
+    around = box(x.min() - 400, y.min() - 400, x.max() + 400, y.max() + 400)  # beyond half a tile of margin
+    assert make_filter(st, around, UTM17) is None
+    assert make_filter(st, around, UTM17, sources=[0, 1]) is None
+    assert make_filter(st, around, UTM17, sources=[0]) is not None  # drops source 1
+    tight = box(x.min(), y.min(), x.max() - 1e-3, y.max())  # misses the right-most centres
+    f = make_filter(st, tight, UTM17)
+    assert f is not None and 0 < (~f.mask(lon, lat, built.cols["source"])).sum() < len(lon)
+    qv = np.random.default_rng(2).integers(0, 4, 12).astype(np.float32)
+    with dask.config.set(scheduler=client):
+        a = search(st, [Query("v", qv)], k=10, dedup=False, area=around, area_crs=UTM17)
+        b = search(st, [Query("v", qv)], k=10, dedup=False)
+    np.testing.assert_array_equal(a.table["row"], b.table["row"])
 
 
 def test_filter_keeping_fewer_than_k_returns_them_all(store):

@@ -17,7 +17,7 @@ from dask_fp.errors import StoreError
 from dask_fp.index import IndexOptions, build_index, code_search
 from dask_fp.scan import knn
 from dask_fp.store import open_store
-from dask_fp.store.rows import raw_layout
+from dask_fp.store.rows import raw_layout, read_span, span_layout
 
 try:
     from ._search_helpers import SourceSpec, build_store
@@ -113,3 +113,27 @@ def test_a_missing_or_truncated_chunk_file_is_a_damaged_store_error(stores, tmp_
     with pytest.raises(StoreError, match=r"fingerprint/c/1/0 is shorter than its rows.*damaged"):
         st.read("fingerprint", np.array([RPC + 7]))
     np.testing.assert_array_equal(st.read("fingerprint", np.array([RPC + 4])), built.fingerprint[[RPC + 4]])
+
+
+@pytest.mark.parametrize("which", ["new", "old"])
+def test_read_span_equals_zarr_for_every_array(stores, which):
+    """Spans read from the chunk files directly (plain or zstd) equal Zarr's slices; blosc goes through Zarr."""
+    built, old = stores
+    st = open_store(built.path if which == "new" else old)
+    n = st.committed
+    for name in ("fingerprint", "norm2", "lon", "lat", "source", "uid", "wy"):
+        arr, files = st.arrays[name], st.files[name]
+        assert (span_layout(arr) is None) == (which == "old" and name == "fingerprint")
+        for lo, hi in [(0, n), (3, 4), (RPC - 1, RPC + 1), (RPC, 3 * RPC), (n - 5, n), (7, 7)]:
+            np.testing.assert_array_equal(read_span(arr, files, lo, hi), np.asarray(arr[lo:hi]))
+
+
+def test_a_damaged_compressed_chunk_is_a_damaged_store_error(stores, tmp_path):
+    built, _ = stores
+    p = shutil.copytree(built.path, tmp_path / "s")
+    st = open_store(p)
+    f = p / "lon" / "c" / "1"
+    f.write_bytes(f.read_bytes()[:-7])
+    with pytest.raises(StoreError, match=r"lon/c/1 cannot be read.*damaged"):
+        read_span(st.arrays["lon"], st.files["lon"], RPC + 2, RPC + 5)
+    np.testing.assert_array_equal(read_span(st.arrays["lon"], st.files["lon"], 0, 3), built.cols["lon"][:3])
