@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from .errors import QueryError
-from .kernels import top_m
+from .kernels import top_m, top_m_index
 
 
 @dataclass(frozen=True)
@@ -186,12 +186,15 @@ def hamming_top_m(
 
 def _hamming_top(codes: np.ndarray, qcodes: np.ndarray, m: int, *, use_faiss: bool = True
                  ) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`hamming_top_m` with positions in ``codes`` instead of rows (ties cut by position)."""
+    """Each query's ``m`` nearest codes as ``(hamming int32, positions in codes int64)``, in no set
+    order (the callers sort what they keep)."""
     codes = np.ascontiguousarray(codes, dtype=np.uint8)
     qcodes = np.ascontiguousarray(qcodes, dtype=np.uint8)
     faiss = _faiss() if use_faiss else None
     if faiss is None or m >= len(codes) or codes.shape[1] != qcodes.shape[1]:
-        return top_m(hamming(codes, qcodes), np.arange(len(codes)), m)
+        d = hamming(codes, qcodes)
+        idx = top_m_index(d, np.arange(len(codes)), m)
+        return np.take_along_axis(d, idx, axis=1), idx.astype(np.int64)
     # One OpenMP thread: a scan task is one thread of a Dask worker, and more OpenMP
     # threads spin against the other workers' tasks (30x slower on a loaded machine).
     threads = faiss.omp_get_max_threads()
@@ -202,7 +205,7 @@ def _hamming_top(codes: np.ndarray, qcodes: np.ndarray, m: int, *, use_faiss: bo
         dist, pos = faiss.knn_hamming(qcodes, codes, m, variant="mc")
     finally:
         faiss.omp_set_num_threads(threads)
-    return top_m(np.asarray(dist, dtype=np.int32), np.asarray(pos, dtype=np.int64), m)
+    return np.asarray(dist, dtype=np.int32), np.asarray(pos, dtype=np.int64)
 
 
 def asym_top_m(

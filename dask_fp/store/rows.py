@@ -32,36 +32,45 @@ READ_THREADS = 8
 
 
 @dataclass(frozen=True)
-class RawLayout:
-    """Where a row lies in the chunk files of an uncompressed, unsharded row-chunked array."""
+class Layout:
+    """How the chunk files of an unsharded row-chunked array hold their rows: C order, little-endian,
+    one chunk across every axis but the first, either plain bytes or zstd-compressed bytes."""
 
     rows: int  # rows per chunk file
-    row_bytes: int
     dtype: str  # numpy dtype string, little-endian
     tail: tuple[int, ...]  # shape of one row
+    zstd: bool
+
+    @property
+    def row_bytes(self) -> int:
+        return np.dtype(self.dtype).itemsize * int(np.prod(self.tail, dtype=np.int64))
 
 
-def raw_layout(arr: Any) -> RawLayout | None:
-    """The :class:`RawLayout` of Zarr v3 array ``arr``, or None when its chunk files are not plain rows.
-
-    Plain rows: one ``bytes`` codec (no compressor, no filter, no sharding) and
-    one chunk across every axis but the first.
-    """
+def span_layout(arr: Any) -> Layout | None:
+    """The :class:`Layout` of Zarr v3 array ``arr``, or None unless its codecs are ``bytes``
+    (little-endian) alone or followed by ``zstd``, unsharded, one chunk across the other axes."""
     try:
-        codecs = arr.metadata.codecs
+        codecs = list(arr.metadata.codecs)
     except AttributeError:  # Zarr v2 metadata
         return None
-    if getattr(arr, "shards", None) is not None or len(codecs) != 1 or type(codecs[0]).__name__ != "BytesCodec":
+    names = [type(c).__name__ for c in codecs]
+    if getattr(arr, "shards", None) is not None or names not in (["BytesCodec"], ["BytesCodec", "ZstdCodec"]):
         return None
     if tuple(arr.chunks[1:]) != tuple(arr.shape[1:]):
         return None
-    endian = getattr(codecs[0], "endian", None)
     dt = np.dtype(arr.dtype)
+    endian = getattr(codecs[0], "endian", None)
     if dt.itemsize > 1 and getattr(endian, "value", endian) != "little":
         return None
-    tail = tuple(int(s) for s in arr.shape[1:])
-    return RawLayout(int(arr.chunks[0]), int(dt.itemsize * int(np.prod(tail, dtype=np.int64))),
-                     dt.newbyteorder("<").str, tail)
+    return Layout(int(arr.chunks[0]), dt.newbyteorder("<").str, tuple(int(s) for s in arr.shape[1:]),
+                  len(codecs) == 2)
+
+
+def raw_layout(arr: Any) -> Layout | None:
+    """The :class:`Layout` of ``arr`` when its chunk files are plain rows (the ``bytes`` codec alone:
+    row ``r`` of a file is ``row_bytes`` bytes at offset ``r · row_bytes``), else None."""
+    lay = span_layout(arr)
+    return lay if lay is not None and not lay.zstd else None
 
 
 def read_rows(arr: Any, files: ChunkFiles, rows: np.ndarray) -> np.ndarray:
@@ -80,11 +89,12 @@ def read_rows(arr: Any, files: ChunkFiles, rows: np.ndarray) -> np.ndarray:
     return _read_raw(files, lay, uniq)[inv.reshape(rows.shape)]
 
 
-def _read_raw(files: ChunkFiles, lay: RawLayout, uniq: np.ndarray) -> np.ndarray:
+def _read_raw(files: ChunkFiles, lay: Layout, uniq: np.ndarray) -> np.ndarray:
     out = np.empty((len(uniq), *lay.tail), dtype=lay.dtype)
     if not len(uniq):
         return out
-    flat = out.reshape(len(uniq), -1).view(np.uint8).reshape(len(uniq), lay.row_bytes)
+    row_bytes = lay.row_bytes  # once: the loop below runs per row run
+    flat = out.reshape(len(uniq), -1).view(np.uint8).reshape(len(uniq), row_bytes)
     which, local = np.divmod(uniq, lay.rows)
     # Runs of consecutive rows of one file are one read each, straight into ``out``.
     starts = np.flatnonzero(np.diff(which, prepend=-1) | (np.diff(local, prepend=-2) != 1))
@@ -102,11 +112,11 @@ def _read_raw(files: ChunkFiles, lay: RawLayout, uniq: np.ndarray) -> np.ndarray
                     key = files.key(chunk, files.tails[0])
                     fd = os.open(os.path.join(files.root, key), os.O_RDONLY)
                     open_chunk = chunk
-                got = os.preadv(fd, [flat[s:e].data], int(local[s]) * lay.row_bytes)
-                if got != (e - s) * lay.row_bytes:
+                got = os.preadv(fd, [flat[s:e].data], int(local[s]) * row_bytes)
+                if got != (e - s) * row_bytes:
                     raise StoreError(
                         f"{files.root}: chunk file {key} is shorter than its rows ({got} of"
-                        f" {(e - s) * lay.row_bytes} bytes at row {int(uniq[s])}); the store is damaged. Restore"
+                        f" {(e - s) * row_bytes} bytes at row {int(uniq[s])}); the store is damaged. Restore"
                         " it from a backup, or ingest the sources again into a new store."
                     )
         finally:
@@ -124,36 +134,6 @@ def _read_raw(files: ChunkFiles, lay: RawLayout, uniq: np.ndarray) -> np.ndarray
     return out
 
 
-@dataclass(frozen=True)
-class SpanLayout:
-    """How a chunk file of a row-chunked array holds its rows: plain bytes, or zstd-compressed bytes."""
-
-    rows: int  # rows per chunk file
-    dtype: str  # numpy dtype string, little-endian
-    tail: tuple[int, ...]  # shape of one row
-    zstd: bool
-
-
-def span_layout(arr: Any) -> SpanLayout | None:
-    """The :class:`SpanLayout` of Zarr v3 array ``arr``, or None unless its codecs are ``bytes``
-    (little-endian) alone or followed by ``zstd``, unsharded, one chunk across the other axes."""
-    try:
-        codecs = list(arr.metadata.codecs)
-    except AttributeError:  # Zarr v2 metadata
-        return None
-    names = [type(c).__name__ for c in codecs]
-    if getattr(arr, "shards", None) is not None or names not in (["BytesCodec"], ["BytesCodec", "ZstdCodec"]):
-        return None
-    if tuple(arr.chunks[1:]) != tuple(arr.shape[1:]):
-        return None
-    dt = np.dtype(arr.dtype)
-    endian = getattr(codecs[0], "endian", None)
-    if dt.itemsize > 1 and getattr(endian, "value", endian) != "little":
-        return None
-    return SpanLayout(int(arr.chunks[0]), dt.newbyteorder("<").str, tuple(int(s) for s in arr.shape[1:]),
-                      len(codecs) == 2)
-
-
 def read_span(arr: Any, files: ChunkFiles, lo: int, hi: int) -> np.ndarray:
     """Rows ``[lo, hi)`` of ``arr``, read from its chunk files directly when :func:`span_layout` allows.
 
@@ -169,7 +149,7 @@ def read_span(arr: Any, files: ChunkFiles, lo: int, hi: int) -> np.ndarray:
     if hi <= lo:
         return out
     decode = _zstd_decode() if lay.zstd else None
-    row_bytes = np.dtype(lay.dtype).itemsize * int(np.prod(lay.tail, dtype=np.int64))
+    row_bytes = lay.row_bytes
     for chunk in range(lo // lay.rows, (hi - 1) // lay.rows + 1):
         key = files.key(chunk, files.tails[0])
         with open(os.path.join(files.root, key), "rb") as f:
