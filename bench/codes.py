@@ -15,7 +15,7 @@ Sections:
    at each ``--sizes`` row count: index build time and bytes per tile; single
    query median latency of the exact scan (streamed from Zarr; persisted when it
    fits the cluster memory limit), code search (codes in memory, fingerprints
-   streamed / persisted; Hamming alone and with the asymmetric re-score), numpy
+   read from disk; recall by lists probed and candidates re-ranked), numpy
    brute force and FAISS flat over the in-memory
    matrix, FAISS IVF-PQ + exact refine and FAISS HNSW tuned to the same recall;
    recall@10 of each against exact; and the plain single-process loop over the
@@ -45,7 +45,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import codes_data as cd  # noqa: E402
-from codes_peers import K, faiss_rows, kernel_timings, median_s, recall, say  # noqa: E402
+from codes_peers import K, faiss_rows, median_s, recall, say  # noqa: E402
 from query_peers import numpy_knn, plain_stream_knn  # noqa: E402
 
 DIM = 512
@@ -130,8 +130,8 @@ def real_section(args: argparse.Namespace, client: Any) -> dict[str, Any]:
 def size_section(n: int, real512: np.ndarray, args: argparse.Namespace, client: Any) -> dict[str, Any]:
     import os
 
-    from dask_fp.codes import encode
     from dask_fp.index import IndexOptions, build_index, code_search, default_candidates, open_index
+    from dask_fp.index.search import DEFAULT_PROBES
     from dask_fp.scan import knn, stream_knn
 
     gen = cd.Synthetic(real512, sigma=args.sigma, seed=n)
@@ -141,8 +141,9 @@ def size_section(n: int, real512: np.ndarray, args: argparse.Namespace, client: 
     say(f"{n:,} rows: store {'reused' if out['store_write_s'] is None else 'written'}"
         f" ({out['store_write_s'] or 0:.0f} s)")
     info = build_index(st.path, IndexOptions(nbits=512), client=client)
-    out["index_build_s"], out["code_bytes_per_tile"] = info["seconds"], info["nbits"] // 8
-    say(f"  index: {info['seconds']:.0f} s, {info['nbits'] // 8} B/tile")
+    out["index_build_s"], out["lists"] = info["seconds"], info["lists"]
+    out["code_bytes_per_tile"] = info["nbits"] // 8 + 12  # + list (int32), residual norm and scale (float32)
+    say(f"  index: {info['seconds']:.0f} s, {info['lists']} lists, {out['code_bytes_per_tile']} B/tile")
     qs = gen.queries(100, seed=1)
 
     def fresh(i: int) -> np.ndarray:
@@ -163,31 +164,25 @@ def size_section(n: int, real512: np.ndarray, args: argparse.Namespace, client: 
         _, truth = knn(st.fingerprints(), st.norm2(), qs, K)
     idx = open_index(st)
     idx.persist()
-    kcodes = np.asarray(idx.codes_array[: min(n, 1 << 20)])
-    out["kernel"] = kernel_timings(kcodes, encode(fresh(0), idx.params), 1000, args.repeats)
-    say(f"  kernel (one task): {out['kernel']}")
-    out["default_candidates"] = default_candidates(K, n)
-    sweep = sorted({100, 300, 1000, 2000, 3000, 5000, 10000, out["default_candidates"]})
-    # Hamming distance alone against the asymmetric re-score of each task's Hamming shortlist
-    # (the default), same queries, same number of candidates re-ranked.
-    out["codes_recall_hamming"] = {c: recall(truth, code_search(st, qs, K, index=idx, candidates=c,
-                                                                asymmetric=False)[1]) for c in sweep}
-    out["codes_recall"] = {c: recall(truth, code_search(st, qs, K, index=idx, candidates=c)[1]) for c in sweep}
-    say(f"  codes recall@10 by candidates, Hamming only: {out['codes_recall_hamming']}")
-    say(f"  codes recall@10 by candidates, asymmetric: {out['codes_recall']}")
-    # Timed at the fewest candidates reaching recall >= 0.95, as FAISS's knobs are tuned below.
-    ok = [c for c in sweep if out["codes_recall"][c] >= 0.95]
-    cand = out["candidates"] = min(ok) if ok else max(sweep)
-    out["codes_recall_timed"] = out["codes_recall"][cand]
-    out["codes_mem_fp_stream_s"] = median_s(lambda i: code_search(st, fresh(i), K, index=idx, candidates=cand),
-                                            args.repeats)[0]
-    say(f"  codes ({cand} candidates; codes in memory, fingerprints read from disk)"
+    out["default_candidates"], out["default_probes"] = default_candidates(K, n), DEFAULT_PROBES
+    sweep = sorted({50, 100, 200, 300, 500, 1000, 2000, out["default_candidates"]})
+    # Recall by lists probed (at least; more when they hold fewer rows than the candidates) and candidates.
+    out["codes_recall"] = {p: {c: recall(truth, code_search(st, qs, K, index=idx, candidates=c, probes=p)[1])
+                               for c in sweep} for p in (4, DEFAULT_PROBES, 2 * DEFAULT_PROBES)}
+    for p, row in out["codes_recall"].items():
+        say(f"  codes recall@10, {p} lists probed, by candidates: {row}")
+    # Timed at the cheapest setting reaching recall >= 0.95, as FAISS's knobs are tuned below.
+    ok = [(c, p) for p, row in out["codes_recall"].items() for c, r in row.items() if r >= 0.95]
+    cand, probes = min(ok) if ok else (max(sweep), 2 * DEFAULT_PROBES)
+    out["candidates"], out["probes"] = cand, probes
+    out["codes_recall_timed"] = out["codes_recall"][probes][cand]
+    out["codes_mem_fp_stream_s"] = median_s(
+        lambda i: code_search(st, fresh(i), K, index=idx, candidates=cand, probes=probes), args.repeats)[0]
+    say(f"  codes ({cand} candidates, {probes} lists; codes in memory, fingerprints read from disk)"
         f" {out['codes_mem_fp_stream_s'] * 1e3:.1f} ms")
-    ok_h = [c for c in sweep if out["codes_recall_hamming"][c] >= 0.95]
-    cand_h = out["candidates_hamming"] = min(ok_h) if ok_h else max(sweep)
-    out["codes_hamming_s"] = median_s(lambda i: code_search(st, fresh(i), K, index=idx, candidates=cand_h,
-                                                            asymmetric=False), args.repeats)[0]
-    say(f"  codes, Hamming only ({cand_h} candidates) {out['codes_hamming_s'] * 1e3:.1f} ms")
+    out["codes_default_s"] = median_s(lambda i: code_search(st, fresh(i), K, index=idx), args.repeats)[0]
+    say(f"  codes with the defaults ({out['default_candidates']} candidates, {DEFAULT_PROBES} lists)"
+        f" {out['codes_default_s'] * 1e3:.1f} ms")
     reps_slow = max(3, args.repeats // 5)
     out["exact_stream_s"] = median_s(lambda i: stream_knn(st, fresh(i), K), reps_slow)[0]
     out["plain_loop_s"] = median_s(lambda i: plain_stream_knn(st, fresh(i), K), reps_slow)[0]
@@ -201,7 +196,7 @@ def size_section(n: int, real512: np.ndarray, args: argparse.Namespace, client: 
         out["note"] = (f"{n * DIM * 4 / 2**30:.1f} GiB of fingerprints exceed the cluster memory limit"
                        f" ({args.cluster_bytes / 2**30:.0f} GiB): exact search can only stream")
     say(f"  exact persisted {out['exact_persisted_s']}")
-    idx._persisted = idx._blocks = None
+    idx._blocks = None
     if x is not None:
         out.update(faiss_rows(x, qs, truth, fresh, args.repeats, args.hnsw_max, args.hnsw_budget_s))
     out["load_avg_end"] = os.getloadavg()

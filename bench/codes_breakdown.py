@@ -3,15 +3,15 @@
 Reuses a store and index that ``bench/codes.py --reuse`` left in ``--workdir``
 (``syn-<rows>.zarr``, index built), so it needs no rebuild: codes persisted on a
 LocalCluster (2 workers x 1 thread), then for fresh queries each repeat:
-``code_candidates`` (the distributed pass: Hamming shortlist of ``--pool`` per task,
-asymmetric re-score down to ``--candidates``; ``--hamming``: Hamming alone), ``rerank`` (the candidates'
+``code_candidates`` (the distributed pass: each task scores the rows of the
+``--probes`` nearest lists and keeps the best ``--candidates``), ``rerank`` (the candidates'
 rows read from disk with ``--threads`` reader threads, exact distances) and the
 whole ``code_search``; recall@10 is not re-measured here (bench/codes.py does).
 
 Run::
 
-    .venv/bin/python bench/codes_breakdown.py --rows 10000000 --candidates 5000 \\
-        --threads 8,32 --workdir /work/bench-codes
+    .venv/bin/python bench/codes_breakdown.py --rows 10000000 --candidates 500 \\
+        --threads 8 --workdir /work/bench-codes10
 """
 
 from __future__ import annotations
@@ -35,15 +35,14 @@ def main() -> None:
     from distributed import Client, LocalCluster
 
     import dask_fp.store.rows as rows_mod
-    from dask_fp.codes import byte_tables, project
     from dask_fp.index import code_candidates, code_search, open_index, rerank
+    from dask_fp.index.search import DEFAULT_PROBES
     from dask_fp.store import open_store
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, required=True)
     p.add_argument("--candidates", type=int, required=True, help="rows re-ranked exactly")
-    p.add_argument("--pool", type=int, default=None, help="Hamming shortlist per task (default: --candidates)")
-    p.add_argument("--hamming", action="store_true", help="Hamming distance alone (no asymmetric re-score)")
+    p.add_argument("--probes", type=int, default=DEFAULT_PROBES, help="lists probed per query (at least)")
     p.add_argument("--threads", default="8,32")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--sigma", type=float, default=0.3)
@@ -64,16 +63,14 @@ def main() -> None:
                 seed += 1
                 q = gen.queries(1, seed=seed)
                 t0 = time.perf_counter()
-                z = project(q, idx.params)
-                cand = code_candidates(idx.codes(), np.packbits(z >= 0, axis=1), a.candidates,
-                                       tables=None if a.hamming else byte_tables(z), pool=a.pool)
+                cand = code_candidates(idx, q, a.candidates, probes=a.probes)
                 t1 = time.perf_counter()
                 rerank(st, q, cand, 10)
                 t2 = time.perf_counter()
                 seed += 1
                 q2 = gen.queries(1, seed=seed)
                 t3 = time.perf_counter()
-                code_search(st, q2, 10, index=idx, candidates=a.candidates, pool=a.pool, asymmetric=not a.hamming)
+                code_search(st, q2, 10, index=idx, candidates=a.candidates, probes=a.probes)
                 whole.append(time.perf_counter() - t3)
                 scan.append(t1 - t0)
                 rr.append(t2 - t1)

@@ -1,9 +1,8 @@
 """The peers and kernels bench/codes.py times beside dask-fp's code search.
 
 FAISS flat, IVF-PQ (64 B codes) + exact refine and HNSW over the in-memory
-matrix, each tuned to its cheapest setting with recall@10 >= 0.95; one scan
-task's Hamming kernels (numpy vs FAISS); and the timing and recall helpers
-the bench shares. numpy brute force and the plain Zarr loop come from
+matrix, each tuned to its cheapest setting with recall@10 >= 0.95; and the
+timing and recall helpers the bench shares. numpy brute force and the plain Zarr loop come from
 bench/query_peers.py, as in bench/query.py.
 """
 
@@ -109,24 +108,3 @@ def faiss_rows(x: np.ndarray, qs: np.ndarray, truth: np.ndarray, timing_q: Calla
         tune(h, "faiss_hnsw", [(f"M 32, efSearch {e}", ef(e)) for e in (16, 32, 64, 128, 256)], b, 32 * 2 * 4)
         del h
     return res
-
-
-def kernel_timings(codes: np.ndarray, q: np.ndarray, m: int, repeats: int) -> dict[str, float]:
-    """One task's Hamming scan + top-m over ``codes`` (in memory): numpy vs FAISS kernels, seconds."""
-    import faiss
-
-    from dask_fp.codes import hamming_top_m
-
-    rows = np.arange(len(codes), dtype=np.int64)
-
-    def binary_flat(_i: int) -> None:
-        ix = faiss.IndexBinaryFlat(codes.shape[1] * 8)
-        ix.add(codes)
-        ix.search(q, m)
-
-    return {
-        "rows": len(codes), "m": m,
-        "numpy_bitwise_count_s": median_s(lambda i: hamming_top_m(codes, q, rows, m, use_faiss=False), repeats)[0],
-        "faiss_knn_hamming_s": median_s(lambda i: hamming_top_m(codes, q, rows, m), repeats)[0],
-        "faiss_IndexBinaryFlat_add_search_s": median_s(binary_flat, repeats)[0],
-    }

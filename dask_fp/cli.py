@@ -204,7 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     ix = sub.add_parser("index", help="build (or rebuild) the store's compact-code index")
     ix.add_argument("store")
     ix.add_argument("--nbits", type=_positive, default=512, help="bits per tile (multiple of 64, <= dimension)")
-    ix.add_argument("--train-rows", type=_positive, default=20_000, help="rows that train the code")
+    ix.add_argument("--lists", type=_positive, default=None,
+                    help="coarse lists (k-means centroids; default: sqrt(rows), at most 1024)")
+    ix.add_argument("--train-rows", type=_positive, default=20_000,
+                    help="rows that train the code (at least 40 per list are used)")
     ix.add_argument("--extend", action="store_true", help="only encode rows added since the last build")
     ix.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the writer lock")
     _cluster_args(ix)
@@ -354,10 +357,11 @@ def cmd_index(args: argparse.Namespace) -> int:
             n = extend_index(args.store, client=client, wait=args.wait)
             print(f"index of {args.store}: encoded {n} new rows")
             return 0
-        info = build_index(args.store, IndexOptions(nbits=args.nbits, train_rows=args.train_rows),
+        info = build_index(args.store, IndexOptions(nbits=args.nbits, lists=args.lists,
+                                                        train_rows=args.train_rows),
                            client=client, wait=args.wait)
     print(f"index of {args.store}: {info['indexed']} rows, {info['nbits']} bits ({info['nbits'] // 8} B/tile),"
-          f" trained on {info['trained_on']} rows, {info['seconds']} s")
+          f" {info['lists']} lists, trained on {info['trained_on']} rows, {info['seconds']} s")
     return 0
 
 

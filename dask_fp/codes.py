@@ -1,54 +1,57 @@
-"""Compact binary codes for fingerprints: PCA + ITQ training, encoding, Hamming distances.
+"""Compact codes for fingerprints: coarse lists, binary codes of the residuals, estimated distances.
 
-Pure numpy kernels, tested without Dask or I/O; :mod:`.index` stores the codes
-beside the fingerprints and scans them in one ``dask.array.reduction``.
+Pure numpy kernels (k-means from scikit-learn), tested without Dask or I/O;
+:mod:`.index` stores the codes beside the fingerprints and scans them.
 
-Method (Gong & Lazebnik, "Iterative quantization", CVPR 2011): centre the
-training vectors, project them on their top ``nbits`` principal axes, then
-learn an orthogonal rotation ``R`` that minimises the quantisation loss
-``‖sign(VR) − VR‖²`` by alternating ``B = sign(VR)`` and an orthogonal
-Procrustes step. A vector's code is the sign pattern of ``(x − μ) W R``,
-packed 8 bits to a byte (``nbits / 8`` bytes per tile). Two codes are
-compared by Hamming distance (XOR + popcount on 64-bit words), which is a
-coarse ranking.
+Method: an inverted file (IVF) with 1-bit residual codes, as in RaBitQ (Gao &
+Long, SIGMOD 2024) and Earth Index's IVF + RaBitQ.
 
-Two stages refine it before the exact re-rank (:func:`dask_fp.index.code_search`):
-the Hamming shortlist (:func:`hamming_top_m`) is re-scored *asymmetrically*
-(:func:`asym_top_m`): the query is not binarised, and a code ``b`` scores the
-inner product ``<(q − μ) W R, 2b − 1>`` of the query's projection with the
-code's signs (Gordo et al., "Asymmetric distances for binary embeddings",
-TPAMI 2014). The score is a sum over the code's bytes of one value from a
-256-entry table per byte (:func:`byte_tables`), built once per query, so
-re-scoring costs one table look-up per code byte. It ranks the true
-neighbours higher than the Hamming distance does, so fewer full fingerprints
-need to be read for the same recall (bench/codes.py).
+- **Lists.** k-means on a sample gives ``lists`` centroids; each row belongs to
+  its nearest centroid ``c``. A query only looks at the rows of its ``probes``
+  nearest lists.
+- **Residual codes.** A row ``x`` is coded as the sign pattern of its residual's
+  projection ``y = (x − c) P``, packed 8 bits to a byte (``nbits / 8`` bytes per
+  tile). ``P`` (``d × nbits``) is the top principal axes of the residuals times
+  a rotation learned by ITQ (Gong & Lazebnik, CVPR 2011), which lowers the
+  quantisation loss ``‖sign(V R) − V R‖²``. Coding residuals, not the rows,
+  spends every bit inside the row's own cluster, where neighbours differ.
+- **Estimated distance.** ``‖q − x‖² = ‖q − c‖² + ‖x − c‖² − 2⟨q − c, x − c⟩``;
+  the first term is exact per list, the second is stored per row
+  (``rnorm2``), and the inner product is estimated from the code ``b`` (±1)
+  as ``⟨z, b⟩ · ‖y‖² / Σ|y|`` with ``z = (q − c) P`` — RaBitQ's estimator
+  ``⟨ō, q⟩ / ⟨ō, o⟩`` for the unit code vector ``ō = b / √nbits``; the factor
+  ``‖y‖² / Σ|y|`` is stored per row (``scale``). ``⟨z, b⟩`` is a sum over the
+  code's bytes of one value from a 256-entry table per byte
+  (:func:`byte_tables`), built once per query and list: one table look-up per
+  code byte, no bit unpacking.
+
+The estimates rank the candidates; :func:`dask_fp.index.code_search` re-ranks the
+best of them with exact distances.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from .errors import QueryError
-from .kernels import top_m, top_m_index
+from .kernels import top_m
 
 
 @dataclass(frozen=True)
 class CodeParams:
-    """Trained parameters of a binary code.
+    """Trained parameters of a code.
 
     Attributes
     ----------
-    mean : ndarray, shape (d,)
-        Training mean (subtracted before projection).
+    centroids : ndarray, shape (lists, d)
+        List centres (k-means).
     projection : ndarray, shape (d, nbits)
-        PCA axes times the learned ITQ rotation: ``code = sign((x - mean) @ projection)``.
+        Residual PCA axes times the learned ITQ rotation: ``code = sign((x - centroid) @ projection)``.
     """
 
-    mean: np.ndarray
+    centroids: np.ndarray
     projection: np.ndarray
 
     @property
@@ -59,14 +62,24 @@ class CodeParams:
     def nbytes(self) -> int:
         return self.nbits // 8
 
+    @property
+    def lists(self) -> int:
+        return int(self.centroids.shape[0])
 
-def train_itq(x: np.ndarray, nbits: int, *, iterations: int = 20, seed: int = 0) -> CodeParams:
-    """Learn PCA + ITQ parameters from training vectors.
+
+def check_nbits(nbits: int, d: int) -> None:
+    """:class:`QueryError` unless ``nbits`` is a multiple of 64 between 64 and ``d``."""
+    if nbits < 64 or nbits % 64 or nbits > d:
+        raise QueryError(f"nbits must be a multiple of 64 between 64 and the dimension {d}, got {nbits}")
+
+
+def train_itq(x: np.ndarray, nbits: int, *, iterations: int = 20, seed: int = 0) -> np.ndarray:
+    """A projection ``(d, nbits)`` float32: the top ``nbits`` principal axes of ``x`` times an ITQ rotation.
 
     Parameters
     ----------
     x : ndarray, shape (n, d)
-        Training vectors (a sample of the store's fingerprints).
+        Training vectors (centred by their mean for the principal axes).
     nbits : int
         Code length in bits: a multiple of 64, at most ``d`` (PCA axes).
     iterations : int
@@ -76,17 +89,12 @@ def train_itq(x: np.ndarray, nbits: int, *, iterations: int = 20, seed: int = 0)
     """
     x = np.asarray(x, dtype=np.float64)
     n, d = x.shape
-    if nbits < 64 or nbits % 64 or nbits > d:
-        raise QueryError(f"nbits must be a multiple of 64 between 64 and the dimension {d}, got {nbits}")
+    check_nbits(nbits, d)
     if n < 2:
         raise QueryError(f"training a code needs at least 2 vectors, got {n}")
-    mean = x.mean(axis=0)
-    xc = x - mean
-    if n <= d:  # principal axes from the thin SVD of the data (n x d): cheaper than the d x d covariance
-        _u, sv, vt = np.linalg.svd(xc, full_matrices=False)
-        if nbits > len(sv):
-            raise QueryError(f"training {nbits} bits needs more than {n} vectors")
-        w = vt[:nbits].T
+    xc = x - x.mean(axis=0)
+    if n <= d:  # principal axes from the SVD of the data (n x d), completed to d orthonormal axes
+        w = np.linalg.svd(xc, full_matrices=True)[2][:nbits].T
     else:  # from the covariance (d x d), largest variance first
         evals, evecs = np.linalg.eigh(xc.T @ xc / (n - 1))
         w = evecs[:, np.argsort(evals)[::-1][:nbits]]
@@ -98,18 +106,60 @@ def train_itq(x: np.ndarray, nbits: int, *, iterations: int = 20, seed: int = 0)
         # Orthogonal Procrustes: R = argmin ‖B − VR‖ over orthogonal R.
         u, _s, vt = np.linalg.svd(v.T @ b)
         r = u @ vt
-    return CodeParams(mean=mean.astype(np.float32), projection=(w @ r.astype(np.float64)).astype(np.float32))
+    return (w @ r.astype(np.float64)).astype(np.float32)
 
 
-def project(x: np.ndarray, params: CodeParams) -> np.ndarray:
-    """The projections ``(n, nbits)`` float32 ``(x − μ) W R`` of vectors ``(n, d)``, whose signs are the codes."""
+def nearest_list(x: np.ndarray, centroids: np.ndarray, *, slice_rows: int = 8192) -> np.ndarray:
+    """Index ``(n,)`` int32 of each row's nearest centroid (ties: the lower index), a slice of rows at a time."""
     x = np.asarray(x, dtype=np.float32)
-    return np.asarray((x - params.mean) @ params.projection, dtype=np.float32)
+    c = np.asarray(centroids, dtype=np.float32)
+    c2 = np.einsum("ij,ij->i", c, c)
+    out = np.empty(len(x), dtype=np.int32)
+    for i in range(0, len(x), slice_rows):  # ‖x − c‖² − ‖x‖² = ‖c‖² − 2 x·c: one product per slice
+        d = x[i : i + slice_rows] @ c.T
+        d *= -2
+        d += c2
+        out[i : i + slice_rows] = np.argmin(d, axis=1)
+    return out
 
 
-def encode(x: np.ndarray, params: CodeParams) -> np.ndarray:
-    """Binary codes ``(n, nbytes)`` uint8 of vectors ``(n, d)`` (bit set where the projection >= 0)."""
-    return np.packbits(project(x, params) >= 0, axis=1)
+def train(x: np.ndarray, lists: int, nbits: int, *, iterations: int = 20, seed: int = 0) -> CodeParams:
+    """Learn the lists (k-means, scikit-learn) and the residual code (PCA + ITQ) from training vectors."""
+    from sklearn.cluster import KMeans
+
+    x = np.asarray(x, dtype=np.float32)
+    check_nbits(nbits, x.shape[1])
+    if not 1 <= lists <= len(x):
+        raise QueryError(f"lists must be between 1 and the {len(x)} training rows, got {lists}")
+    if lists == 1:
+        centroids = x.mean(axis=0, keepdims=True)
+    else:
+        km = KMeans(n_clusters=lists, n_init=1, max_iter=iterations, random_state=seed).fit(x)
+        centroids = km.cluster_centers_.astype(np.float32)
+    resid = x - centroids[nearest_list(x, centroids)]
+    return CodeParams(centroids=centroids, projection=train_itq(resid, nbits, iterations=iterations, seed=seed))
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Codes of rows: list, packed sign bits, and the two per-row terms of the distance estimate."""
+
+    lists: np.ndarray  # (n,) int32
+    codes: np.ndarray  # (n, nbytes) uint8
+    rnorm2: np.ndarray  # (n,) float32: ‖x − c‖²
+    scale: np.ndarray  # (n,) float32: ‖y‖² / Σ|y| (0 where y = 0)
+
+
+def encode(x: np.ndarray, params: CodeParams) -> Encoded:
+    """Encode rows ``(n, d)``: nearest list, residual sign bits (set where the projection >= 0), norms."""
+    x = np.asarray(x, dtype=np.float32)
+    lst = nearest_list(x, params.centroids)
+    r = x - params.centroids[lst]
+    y = r @ params.projection
+    l1 = np.abs(y).sum(axis=1)
+    scale = np.divide(np.einsum("ij,ij->i", y, y), l1, out=np.zeros_like(l1), where=l1 > 0)
+    return Encoded(lists=lst, codes=np.packbits(y >= 0, axis=1), rnorm2=np.einsum("ij,ij->i", r, r),
+                   scale=scale.astype(np.float32))
 
 
 #: The signs (±1) of the 8 bits of every byte value, most significant bit first
@@ -118,152 +168,101 @@ _BYTE_SIGNS = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).ast
 
 
 def byte_tables(z: np.ndarray) -> np.ndarray:
-    """Look-up tables ``(q, nbytes, 256)`` float32 of the asymmetric score, from projections ``z`` ``(q, nbits)``.
+    """Look-up tables ``(..., nbytes, 256)`` float32 of ``⟨z, b⟩`` from projections ``z`` ``(..., nbits)``.
 
-    ``tables[i, j, v]`` is the inner product of query ``i``'s projected bits
-    ``8j .. 8j+7`` with the signs (±1) of byte value ``v``, so the score of a code
-    ``c`` is ``sum_j tables[i, j, c[j]]`` = ``<z_i, 2·bits(c) − 1>``.
+    ``tables[..., j, v]`` is the inner product of ``z``'s bits ``8j .. 8j+7`` with
+    the signs (±1) of byte value ``v``, so for a code ``c`` the sum
+    ``sum_j tables[..., j, c[j]]`` = ``⟨z, 2·bits(c) − 1⟩``.
     """
     z = np.asarray(z, dtype=np.float32)
-    if z.ndim != 2 or z.shape[1] % 8:
-        raise QueryError(f"projections must have shape (q, nbits) with nbits a multiple of 8, got {z.shape}")
-    return np.ascontiguousarray(z.reshape(len(z), -1, 8) @ _BYTE_SIGNS.T)
+    if z.ndim < 1 or z.shape[-1] % 8:
+        raise QueryError(f"projections must have shape (..., nbits) with nbits a multiple of 8, got {z.shape}")
+    return np.ascontiguousarray(z.reshape(*z.shape[:-1], -1, 8) @ _BYTE_SIGNS.T)
 
 
-def asym_scores(codes: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """Asymmetric scores ``(n,)`` float32 of codes ``(n, nbytes)`` for one query's ``table`` ``(nbytes, 256)``.
+def asym_scores(codes: np.ndarray, table: np.ndarray, which: np.ndarray | None = None) -> np.ndarray:
+    """``⟨z, b⟩`` ``(n,)`` float32 of codes ``(n, nbytes)`` by table look-up.
 
-    Higher is more similar: the inner product of the query's projection with the codes' signs.
+    ``table`` is one query's :func:`byte_tables` ``(nbytes, 256)``, or with ``which``
+    (``(n,)`` int) a stack ``(t, nbytes, 256)`` of which row ``i`` uses ``table[which[i]]``.
     """
     codes = np.asarray(codes, dtype=np.uint8)
-    nbytes = table.shape[0]
+    nbytes = table.shape[-2]
     if codes.ndim != 2 or codes.shape[1] != nbytes:
         raise QueryError(f"codes must have shape (n, {nbytes}), got {codes.shape}")
     flat = codes.astype(np.intp) + np.arange(0, 256 * nbytes, 256, dtype=np.intp)
+    if which is not None:
+        flat += (np.asarray(which, dtype=np.intp) * (256 * nbytes))[:, None]
     return table.ravel()[flat].sum(axis=1, dtype=np.float32)
 
 
-def hamming(codes: np.ndarray, qcodes: np.ndarray) -> np.ndarray:
-    """Hamming distances ``(q, n)`` int32 between query codes ``(q, B)`` and codes ``(n, B)``.
+def estimates(enc: Encoded, qc2: float | np.ndarray, table: np.ndarray, which: np.ndarray | None = None) -> np.ndarray:
+    """Estimated squared distances ``‖q − c‖² + ‖x − c‖² − 2·scale·⟨z, b⟩`` of coded rows (see module doc).
 
-    XOR and popcount on 64-bit words when ``B`` is a multiple of 8 (bytes otherwise).
+    ``qc2`` is ``‖q − c‖²`` of the rows' list (a scalar, or per row with ``which``).
     """
-    codes = np.ascontiguousarray(codes, dtype=np.uint8)
-    qcodes = np.ascontiguousarray(qcodes, dtype=np.uint8)
-    if codes.shape[1] != qcodes.shape[1]:
-        raise QueryError(f"code lengths differ: {codes.shape[1]} and {qcodes.shape[1]} bytes")
-    word = np.uint64 if codes.shape[1] % 8 == 0 else np.uint8
-    cw, qw = codes.view(word), qcodes.view(word)
-    out = np.empty((len(qw), len(cw)), dtype=np.int32)
-    for i in range(len(qw)):  # one query at a time: (n, words) temporaries, not (q, n, words)
-        out[i] = np.bitwise_count(cw ^ qw[i]).sum(axis=1, dtype=np.int32)
-    return out
-
-
-@functools.lru_cache(maxsize=1)
-def _faiss() -> Any:
-    try:
-        import faiss
-    except ImportError:  # the numpy kernel answers the same (ties at the cut aside)
-        return None
-    return faiss
-
-
-def hamming_top_m(
-    codes: np.ndarray, qcodes: np.ndarray, rows: np.ndarray, m: int, *, use_faiss: bool = True
-) -> tuple[np.ndarray, np.ndarray]:
-    """Each query's ``m`` nearest codes: ``(hamming int32 (q, m'), rows int64 (q, m'))``, sorted by (distance, row).
-
-    With FAISS installed (extra ``codes``, also in ``bench``) and ``use_faiss``, the scan is
-    ``faiss.knn_hamming`` (SIMD popcount; 11-18x faster than the numpy kernel over
-    ~1M codes of 64 B in bench/codes.py, docs/performance.md); otherwise :func:`hamming` and
-    :func:`dask_fp.kernels.top_m`. Both return the same distances; rows can
-    differ only among codes tied at the ``m``-th distance.
-    """
-    dist, pos = _hamming_top(codes, qcodes, m, use_faiss=use_faiss)
-    return top_m(dist, np.asarray(rows, dtype=np.int64)[pos], m)
-
-
-def _hamming_top(codes: np.ndarray, qcodes: np.ndarray, m: int, *, use_faiss: bool = True
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Each query's ``m`` nearest codes as ``(hamming int32, positions in codes int64)``, in no set
-    order (the callers sort what they keep)."""
-    codes = np.ascontiguousarray(codes, dtype=np.uint8)
-    qcodes = np.ascontiguousarray(qcodes, dtype=np.uint8)
-    faiss = _faiss() if use_faiss else None
-    if faiss is None or m >= len(codes) or codes.shape[1] != qcodes.shape[1]:
-        d = hamming(codes, qcodes)
-        idx = top_m_index(d, np.arange(len(codes)), m)
-        return np.take_along_axis(d, idx, axis=1), idx.astype(np.int64)
-    # One OpenMP thread: a scan task is one thread of a Dask worker, and more OpenMP
-    # threads spin against the other workers' tasks (30x slower on a loaded machine).
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    try:
-        # "mc" (counting codes by distance) instead of a heap of m: cheaper for the large
-        # m (10,000 at 10M rows) that dense stores need; same distances.
-        dist, pos = faiss.knn_hamming(qcodes, codes, m, variant="mc")
-    finally:
-        faiss.omp_set_num_threads(threads)
-    return np.asarray(dist, dtype=np.int32), np.asarray(pos, dtype=np.int64)
-
-
-def asym_top_m(
-    codes: np.ndarray, qcodes: np.ndarray, tables: np.ndarray, rows: np.ndarray, m: int, pool: int,
-    *, use_faiss: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Each query's ``m`` best codes by asymmetric score among its ``pool`` nearest by Hamming distance.
-
-    Parameters
-    ----------
-    codes : ndarray of uint8, shape (n, nbytes)
-    qcodes : ndarray of uint8, shape (q, nbytes)
-        The queries' codes (:func:`encode`), for the Hamming shortlist.
-    tables : ndarray of float32, shape (q, nbytes, 256)
-        The queries' :func:`byte_tables`.
-    rows : ndarray of int64, shape (n,)
-    m, pool : int
-        Kept per query, out of a Hamming shortlist of ``max(pool, m)``.
-
-    Returns
-    -------
-    (-score float32 (q, m'), rows int64 (q, m')), sorted by (−score, row): a
-    "distance" that merges with :func:`dask_fp.kernels.knn_merge`.
-    """
-    rows = np.asarray(rows, dtype=np.int64)
-    _, pos = _hamming_top(codes, qcodes, max(pool, m), use_faiss=use_faiss)
-    neg = np.empty(pos.shape, dtype=np.float32)
-    for i in range(len(pos)):
-        neg[i] = -asym_scores(codes[pos[i]], tables[i])
-    return top_m(neg, rows[pos], m)
+    return (qc2 + enc.rnorm2 - 2 * enc.scale * asym_scores(enc.codes, table, which)).astype(np.float32)
 
 
 # --------------------------------------------------------------------------- per scan task
 
 
-def hamming_chunk(
-    block: tuple[np.ndarray, np.ndarray], *, qcodes: np.ndarray, m: int, axis: Any = None, keepdims: bool = False
-) -> tuple[np.ndarray, np.ndarray]:
-    """Chunk step: a block ``(codes, rows)`` → each query's ``m`` nearest codes (Hamming, then row)."""
-    codes, rows = block
-    return hamming_top_m(codes, qcodes, rows, m)
+@dataclass(frozen=True)
+class CodeBlock:
+    """A block of coded rows sorted by list, in memory (one scan task's share of the store).
+
+    ``enc`` is sorted by list; ``rows`` are the store rows of ``enc``'s entries; list
+    ``l``'s entries are ``offsets[l]:offsets[l + 1]``.
+    """
+
+    enc: Encoded
+    rows: np.ndarray
+    offsets: np.ndarray
+
+    @classmethod
+    def sort(cls, enc: Encoded, start: int, lists: int) -> CodeBlock:
+        """The block of rows ``start..start+n`` coded as ``enc`` (in row order)."""
+        order = np.argsort(enc.lists, kind="stable")
+        srt = Encoded(*(np.ascontiguousarray(a[order]) for a in (enc.lists, enc.codes, enc.rnorm2, enc.scale)))
+        offsets = np.searchsorted(srt.lists, np.arange(lists + 1)).astype(np.int64)
+        return cls(enc=srt, rows=order.astype(np.int64) + start, offsets=offsets)
+
+    def candidates(self, probes: np.ndarray, qc2: np.ndarray, z: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each query's ``m`` best rows of its probed lists by estimated distance.
+
+        Parameters
+        ----------
+        probes : ndarray of int, shape (q, p)
+            The lists each query probes.
+        qc2 : ndarray of float32, shape (q, p)
+            ``‖q − c‖²`` of those lists.
+        z : ndarray of float32, shape (q, p, nbits)
+            ``(q − c) P`` of those lists.
+        m : int
+
+        Returns
+        -------
+        (estimate float32 (q, w), rows int64 (q, w)), sorted by (estimate, row); ``w = min(m, the
+        most rows any query probed here)``, shorter lists padded with ``inf`` and row ``-1``.
+        """
+        out = []
+        for i in range(len(probes)):
+            lo, hi = self.offsets[probes[i]], self.offsets[np.asarray(probes[i]) + 1]
+            sel = np.concatenate([np.arange(a, b) for a, b in zip(lo.tolist(), hi.tolist(), strict=True)] or
+                                 [np.empty(0, np.int64)])
+            which = np.repeat(np.arange(len(lo)), hi - lo)
+            part = Encoded(self.enc.lists[sel], self.enc.codes[sel], self.enc.rnorm2[sel], self.enc.scale[sel])
+            est = estimates(part, qc2[i][which], byte_tables(z[i]), which)
+            out.append(top_m(est[None], self.rows[sel], m))
+        w = max((len(r[0]) for _, r in out), default=0)
+        dist = np.full((len(out), w), np.inf, np.float32)
+        rows = np.full((len(out), w), -1, np.int64)
+        for i, (d, r) in enumerate(out):
+            dist[i, : d.shape[1]], rows[i, : r.shape[1]] = d[0], r[0]
+        return dist, rows
 
 
-def asym_chunk(
-    block: tuple[np.ndarray, np.ndarray], *, qcodes: np.ndarray, tables: np.ndarray, m: int, pool: int,
-    axis: Any = None, keepdims: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Chunk step: a block ``(codes, rows)`` → each query's ``m`` best of its ``pool`` nearest codes
-    by asymmetric score (:func:`dask_fp.codes.asym_top_m`)."""
-    codes, rows = block
-    return asym_top_m(codes, qcodes, tables, rows, m, pool)
-
-
-def block_candidates(codes: np.ndarray, start: int, *, qcodes: np.ndarray, tables: np.ndarray | None, m: int,
-                     pool: int) -> tuple[np.ndarray, np.ndarray]:
-    """One persisted block of codes (first row ``start``) → each query's ``m`` best (a task of
-    :func:`dask_fp.index.code_candidates`): by asymmetric score with ``tables``, else by Hamming distance."""
-    rows = np.arange(start, start + len(codes), dtype=np.int64)
-    if tables is None:
-        return hamming_top_m(codes, qcodes, rows, m)
-    return asym_top_m(codes, qcodes, tables, rows, m, pool)
+def block_candidates(block: CodeBlock, *, probes: np.ndarray, qc2: np.ndarray, z: np.ndarray,
+                     m: int) -> tuple[np.ndarray, np.ndarray]:
+    """A scan task: :meth:`CodeBlock.candidates` (a module function, for ``client.submit``)."""
+    return block.candidates(probes, qc2, z, m)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dask_fp.cli import main
-from dask_fp.codes import encode
+from dask_fp.codes import CodeBlock, encode
 from dask_fp.errors import QueryError, StoreError
 from dask_fp.index import (
     IndexOptions,
@@ -21,14 +21,15 @@ from dask_fp.index import (
     extend_index,
     open_index,
 )
+from dask_fp.index.layout import ROW_ARRAYS
 from dask_fp.scan import knn
 from dask_fp.search import search
 from dask_fp.store import open_store, open_writer
 
 try:
-    from ._search_helpers import SourceSpec, brute_knn, build_store, chunk_rows, settings, source_entry, source_rows
+    from ._search_helpers import SourceSpec, build_store, chunk_rows, settings, source_entry, source_rows
 except ImportError:  # tests/ is not a package
-    from _search_helpers import SourceSpec, brute_knn, build_store, chunk_rows, settings, source_entry, source_rows
+    from _search_helpers import SourceSpec, build_store, chunk_rows, settings, source_entry, source_rows
 
 DIM = 64
 SHAPE = (970, 1310)  # 29 x 39 windows of 64 px at stride 32
@@ -65,19 +66,33 @@ def append_source(built, seed: int, path: str) -> np.ndarray:
     return rows["fingerprint"]
 
 
+def assert_stored_codes(idx, x: np.ndarray) -> None:
+    """The index's row arrays hold ``encode(x)`` (every row, in row order) and its per-list counts."""
+    want = encode(x, idx.params)
+    for name, arr in zip(ROW_ARRAYS, idx.arrays, strict=True):
+        got, exp = arr[: len(x)], getattr(want, "lists" if name == "list" else name)
+        if got.dtype.kind == "f":  # float32 norms of one chunk's product vs the whole one's: rounding apart
+            np.testing.assert_allclose(got, exp, rtol=1e-5, err_msg=name)
+        else:
+            np.testing.assert_array_equal(got, exp, err_msg=name)
+    np.testing.assert_array_equal(idx.list_rows, np.bincount(want.lists, minlength=idx.params.lists))
+
+
 def recall(truth: np.ndarray, got: np.ndarray) -> float:
     return float(np.mean([len(set(a) & set(b)) / len(a) for a, b in zip(truth, got, strict=True)]))
 
 
 def test_build_writes_chunk_aligned_codes_of_every_row(client, store_dir):
-    info = build_index(store_dir.path, IndexOptions(nbits=64), client=client)
+    info = build_index(store_dir.path, IndexOptions(nbits=64, lists=12), client=client)
     st = open_store(store_dir.path)
-    assert info["indexed"] == st.committed == len(store_dir.fingerprint)
+    assert info["indexed"] == st.committed == len(store_dir.fingerprint) and info["lists"] == 12
     idx = open_index(st)
-    codes = idx.codes_array
-    assert codes.shape == (st.committed, 8) and codes.dtype == np.uint8  # 8 B per tile
-    assert codes.chunks[0] == st.arrays["fingerprint"].chunks[0]
-    np.testing.assert_array_equal(codes[:], encode(store_dir.fingerprint, idx.params))
+    assert idx.params.centroids.shape == (12, DIM) and idx.params.projection.shape == (DIM, 64)
+    codes = idx.group["codes"]
+    assert codes.shape == (st.committed, 8) and codes.dtype == np.uint8  # 8 B per tile (+ 12 B of list and norms)
+    for arr in idx.arrays:
+        assert arr.shape[0] == st.committed and arr.chunks[0] == st.arrays["fingerprint"].chunks[0]
+    assert_stored_codes(idx, store_dir.fingerprint)
     # The rest of the store does not see the index: it still opens and reads the same.
     assert open_store(store_dir.path).committed == st.committed
 
@@ -88,42 +103,62 @@ def test_code_search_reranks_exactly_and_recalls_on_structured_data(client, stor
     x = store_dir.fingerprint
     q = x[::37] + np.float32(0.5)
     ed, er = knn(st.fingerprints(), st.norm2(), q, 10)
-    # Every row a candidate: the re-rank alone decides, so the answer is the exact one, ties included.
-    for asymmetric in (True, False):
-        d_all, r_all = code_search(st, q, 10, candidates=len(x), asymmetric=asymmetric)
-        np.testing.assert_array_equal(r_all, er)
-        np.testing.assert_array_equal(d_all, ed)
+    # Every row a candidate (every list probed): the re-rank alone decides, so the answer is the exact one.
+    d_all, r_all = code_search(st, q, 10, candidates=len(x))
+    np.testing.assert_array_equal(r_all, er)
+    np.testing.assert_array_equal(d_all, ed)
     # Default candidates: distances are the exact ones of the rows returned, sorted; recall high.
     d, r = code_search(st, q, 10)
-    bd, _ = brute_knn(x, q, len(x))
     exact_of_rows = ((q[:, None, :].astype(np.float64) - x[r].astype(np.float64)) ** 2).sum(-1)
     np.testing.assert_array_equal(d, exact_of_rows.astype(np.float32))
     assert (np.diff(d, axis=1) >= 0).all()
     assert recall(er, r) >= 0.95
-    # A small candidate list still returns exact distances (possibly other rows).
-    d5, r5 = code_search(st, q, 10, candidates=10)
+    # A small candidate list, one list probed: still exact distances (possibly other rows), k of them.
+    d5, r5 = code_search(st, q, 10, candidates=10, probes=1)
     assert (d5 >= ed).all() and r5.shape == (len(q), 10)
-    # Hamming alone (the baseline of bench/codes.py) answers with exact distances too.
-    dh, rh = code_search(st, q, 10, asymmetric=False)
-    assert (dh >= ed).all() and recall(er, rh) >= 0.9
+    with pytest.raises(QueryError, match="probes"):
+        code_search(st, q, 10, probes=0)
 
 
-def test_persisted_index_submits_one_task_per_block_and_answers_alike(client, store_dir, monkeypatch):
-    """A persisted index on the cluster keeps its blocks' futures; code search over them equals the array path."""
+def test_k_above_the_rows_returns_every_row(client, tmp_path):
+    built = build_store(tmp_path / "small", [SourceSpec(shape=(192, 192), path="s.tif",
+                                                        fingerprints=clustered_ints(25, 4))], dim=DIM, seed=1)
+    build_index(built.path, IndexOptions(nbits=64, lists=3), client=client)
+    st = built.open()
+    q = built.fingerprint[:2] + np.float32(0.5)
+    ed, er = knn(st.fingerprints(), st.norm2(), q, 40)
+    d, r = code_search(st, q, 40)
+    assert r.shape == (2, 25)
+    np.testing.assert_array_equal(r, er)
+    np.testing.assert_array_equal(d, ed)
+
+
+def test_persisted_index_answers_like_the_streamed_one(client, store_dir, monkeypatch):
+    """Persisted on the cluster (futures of sorted blocks), in this process (no cluster), or
+    read per query: the same tasks, the same answer."""
     monkeypatch.setattr("dask_fp.index.layout.CODE_TASK_ROWS", 1)  # one task per Zarr chunk: several blocks to merge
     build_index(store_dir.path, IndexOptions(nbits=64), client=client)
     st = store_dir.open()
     q = store_dir.fingerprint[::23] + np.float32(0.25)
     fresh = open_index(st)
-    assert fresh.blocks is None  # not persisted: the dask.array reduction
+    assert fresh.blocks is None and len(fresh.ranges()) > 1
     held = open_index(st).persist()
-    assert held.blocks and len(held.blocks) > 1 and [start for _, start in held.blocks] == list(
-        np.concatenate([[0], np.cumsum(held.codes().chunks[0])[:-1]]))
-    for kw in ({}, {"candidates": 40}, {"candidates": 40, "asymmetric": False}, {"candidates": len(q)}):
+    assert len(held.blocks) == len(fresh.ranges()) and not isinstance(held.blocks[0], CodeBlock)
+
+    def no_client():
+        raise ValueError("no client")
+
+    monkeypatch.setattr("distributed.default_client", no_client)
+    local = open_index(st).persist()
+    assert all(isinstance(b, CodeBlock) for b in local.blocks)
+    got_rows = np.concatenate([b.rows for b in local.blocks])
+    np.testing.assert_array_equal(np.sort(got_rows), np.arange(st.committed))
+    for kw in ({}, {"candidates": 40}, {"candidates": 40, "probes": 1}, {"candidates": len(q)}):
         want = code_search(st, q, 10, index=fresh, **kw)
-        got = code_search(st, q, 10, index=held, **kw)
-        np.testing.assert_array_equal(got[1], want[1])
-        np.testing.assert_array_equal(got[0], want[0])
+        for idx in (held, local):
+            got = code_search(st, q, 10, index=idx, **kw)
+            np.testing.assert_array_equal(got[1], want[1])
+            np.testing.assert_array_equal(got[0], want[0])
 
 
 def test_stale_index_answers_exactly_for_new_rows_then_extends(client, store_dir):
@@ -141,7 +176,7 @@ def test_stale_index_answers_exactly_for_new_rows_then_extends(client, store_dir
     assert extend_index(store_dir.path, client=client) == 0
     idx = open_index(store_dir.open())
     assert idx.indexed == len(x)
-    np.testing.assert_array_equal(idx.codes_array[:], encode(x, idx.params))
+    assert_stored_codes(idx, x)
     d, r = code_search(store_dir.open(), q, 10, candidates=len(x))
     np.testing.assert_array_equal(r, er)
 
@@ -164,8 +199,10 @@ def test_no_index_bad_method_and_auto_choice(store_dir):
     assert choose_method(st, "auto") == "exact"  # small store, no index
     with pytest.raises(QueryError, match="nbits"):
         build_index(store_dir.path, IndexOptions(nbits=128))  # more bits than 64 dimensions
-    assert default_candidates(10, 50) == 50 and default_candidates(10, 10**6) == 1000
-    assert default_candidates(10, 10**7) == 5000 and default_candidates(30, 10**6) == 3000
+    with pytest.raises(QueryError, match="lists"):
+        build_index(store_dir.path, IndexOptions(nbits=64, lists=10**6))  # more lists than rows
+    assert default_candidates(10, 50) == 50 and default_candidates(10, 10**6) == 500
+    assert default_candidates(10, 10**7) == 500 and default_candidates(100, 10**6) == 1000
 
 
 def test_cli_index_and_query_method(client, store_dir, capsys):
@@ -198,5 +235,5 @@ def test_ingest_extends_the_index_of_the_store_it_appends_to(client, tmp_path):
     st = open_store(out)
     idx = open_index(st)
     assert report.indexed == 5 * 5 and idx.indexed == st.committed == 9 * 9 + 5 * 5
-    np.testing.assert_array_equal(idx.params.projection, before.params.projection)  # extended, not retrained
-    np.testing.assert_array_equal(idx.codes_array[:], encode(np.asarray(st.arrays["fingerprint"][:]), idx.params))
+    np.testing.assert_array_equal(idx.params.centroids, before.params.centroids)  # extended, not retrained
+    assert_stored_codes(idx, np.asarray(st.arrays["fingerprint"][:]))

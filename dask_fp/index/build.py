@@ -5,17 +5,16 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..codes import CodeParams, encode, train_itq
+from ..codes import CodeParams, check_nbits, encode, train
 from ..errors import QueryError, StoreError
 from ..store import Store, open_store, writer_lock
 from ..store.schema import now
-from .layout import INDEX_GROUP, INDEX_VERSION, Index
+from .layout import INDEX_GROUP, INDEX_METHOD, INDEX_VERSION, ROW_ARRAYS, Index
 
 
 @dataclass(frozen=True)
@@ -26,41 +25,64 @@ class IndexOptions:
     ----------
     nbits : int
         Code length (a multiple of 64, at most the fingerprint dimension); bytes per tile = nbits / 8.
+    lists : int, optional
+        Coarse lists (k-means centroids); :func:`default_lists` of the committed rows when None.
     train_rows : int
-        At most this many evenly spaced rows train the code.
+        Evenly spaced rows that train the code: at most this many, but at least
+        :data:`TRAIN_PER_LIST` per list (or every row).
     iterations : int
-        ITQ iterations.
+        k-means and ITQ iterations.
     seed : int
-        Seed of ITQ's initial rotation.
+        Seed of k-means and of ITQ's initial rotation.
     """
 
     nbits: int = 512
+    lists: int | None = None
     train_rows: int = 20_000
     iterations: int = 20
     seed: int = 0
 
 
-def _encode_block(x: np.ndarray, *, params: CodeParams) -> np.ndarray:
-    return encode(x, params)
+#: Training rows per list at least (FAISS's guidance for k-means: 39).
+TRAIN_PER_LIST = 40
+
+#: The most lists :func:`default_lists` picks: encoding assigns every row to its nearest
+#: centroid (one product of the fingerprints with the centroids), so build time grows with it.
+MAX_LISTS = 1024
 
 
-def _write_codes(store: Store, group: Any, params: CodeParams, start: int, stop: int) -> None:
-    """Encode rows ``start..stop`` on the cluster into ``index/codes`` (one task per Zarr chunk)."""
-    import dask.array as da
+def default_lists(rows: int) -> int:
+    """Lists for a store of ``rows`` rows: ``√rows``, between 1 and :data:`MAX_LISTS`
+    (a query then scores a few thousand rows per probed list at 10M rows)."""
+    return int(min(MAX_LISTS, max(1, round(np.sqrt(rows)))))
 
-    arr = group["codes"]
-    if arr.shape[0] != stop:
-        arr.resize((stop, params.nbytes))
+
+def _encode_rows(fp: Any, out: tuple[Any, ...], start: int, stop: int, params: CodeParams) -> np.ndarray:
+    """Encode fingerprint rows ``start..stop`` into the index's row arrays; the rows per list."""
+    enc = encode(np.asarray(fp[start:stop], dtype=np.float32), params)
+    for arr, v in zip(out, (enc.lists, enc.codes, enc.rnorm2, enc.scale), strict=True):
+        arr[start:stop] = v
+    return np.bincount(enc.lists, minlength=params.lists).astype(np.int64)
+
+
+def _write_codes(store: Store, group: Any, params: CodeParams, start: int, stop: int) -> np.ndarray:
+    """Encode rows ``start..stop`` on the cluster into the row arrays (one task per Zarr chunk);
+    returns the encoded rows per list."""
+    import dask
+
+    out = tuple(group[n] for n in ROW_ARRAYS)
+    for arr in out:
+        if arr.shape[0] != stop:
+            arr.resize((stop, *arr.shape[1:]))
     if stop <= start:
-        return
-    c = int(arr.chunks[0])
+        return np.zeros(params.lists, np.int64)
+    c = int(out[1].chunks[0])
     # Task boundaries on the Zarr chunk boundaries: no two tasks write one chunk.
     edges = [start, *range((start // c + 1) * c, stop, c), stop]
-    fp = da.from_zarr(store.arrays["fingerprint"], chunks=(c, -1))[start:stop]
-    fp = fp.rechunk((tuple(np.diff(edges).tolist()), -1))
-    codes = fp.map_blocks(partial(_encode_block, params=params), dtype=np.uint8,
-                          chunks=(fp.chunks[0], (params.nbytes,)))
-    da.store(codes, arr, regions=(slice(start, stop), slice(None)), lock=False)
+    fp = store.arrays["fingerprint"]
+    task = dask.delayed(_encode_rows, pure=False)
+    counts = dask.compute(*[task(fp, out, a, b, params) for a, b in zip(edges[:-1], edges[1:], strict=True)])
+    return np.sum(counts, axis=0)
 
 
 def _training_sample(store: Store, rows: int) -> tuple[np.ndarray, int]:
@@ -89,23 +111,32 @@ def build_index(
         st = open_store(path)
         if st.committed < 2:
             raise StoreError(f"{st.path}: {st.committed} committed rows; ingest some before building an index.")
-        if options.nbits > st.dim:
-            raise QueryError(f"--nbits {options.nbits} exceeds the fingerprint dimension {st.dim}")
-        sample, trained_on = _training_sample(st, options.train_rows)
-        params = train_itq(sample, options.nbits, iterations=options.iterations, seed=options.seed)
+        check_nbits(options.nbits, st.dim)
+        lists = options.lists if options.lists is not None else default_lists(st.committed)
+        if not 1 <= lists <= st.committed:
+            raise QueryError(f"--lists must be between 1 and the {st.committed} committed rows, got {lists}")
+        sample, trained_on = _training_sample(st, max(options.train_rows, TRAIN_PER_LIST * lists))
+        params = train(sample, lists, options.nbits, iterations=options.iterations, seed=options.seed)
         root = zarr.open_group(str(st.path), mode="r+", zarr_format=3, use_consolidated=False)
         if INDEX_GROUP in root:
             del root[INDEX_GROUP]
-        g = root.create_group(INDEX_GROUP, attributes={"method": "itq", "version": INDEX_VERSION, "indexed": 0})
-        g.create_array("mean", data=params.mean)
+        g = root.create_group(INDEX_GROUP, attributes={"method": INDEX_METHOD, "version": INDEX_VERSION,
+                                                       "indexed": 0})
+        g.create_array("centroids", data=params.centroids)
         g.create_array("projection", data=params.projection)
-        g.create_array("codes", shape=(0, params.nbytes), chunks=(st.arrays["fingerprint"].chunks[0], params.nbytes),
-                       dtype="uint8", fill_value=0, compressors=None, dimension_names=("tile", "code_byte"))
-        _write_codes(st, g, params, 0, st.committed)
-        attrs: dict[str, Any] = {"method": "itq", "version": INDEX_VERSION, "nbits": params.nbits,
-                                 "feature_dim": st.dim, "indexed": st.committed, "trained_on": trained_on,
-                                 "built": now()}
-        g.attrs.update(attrs)  # last: an interrupted build leaves indexed = 0 (nothing claimed)
+        rows = st.arrays["fingerprint"].chunks[0]
+        for name, dtype, width in zip(ROW_ARRAYS, ("int32", "uint8", "float32", "float32"),
+                                      (None, params.nbytes, None, None), strict=True):
+            shape, chunks, dims = ((0,), (rows,), ("tile",)) if width is None else \
+                ((0, width), (rows, width), ("tile", "code_byte"))
+            g.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0, compressors=None,
+                           dimension_names=dims)
+        counts = _write_codes(st, g, params, 0, st.committed)
+        attrs: dict[str, Any] = {"method": INDEX_METHOD, "version": INDEX_VERSION, "nbits": params.nbits,
+                                 "lists": params.lists, "feature_dim": st.dim, "indexed": st.committed,
+                                 "trained_on": trained_on, "built": now()}
+        # Last, in one write: an interrupted build leaves indexed = 0 (nothing claimed).
+        g.attrs.update({**attrs, "list_rows": counts.tolist()})
     return {**attrs, "seconds": round(time.perf_counter() - t0, 3)}
 
 
@@ -134,8 +165,9 @@ def _extend(st: Store, client: Any) -> int:
     root = zarr.open_group(str(st.path), mode="r+", zarr_format=3, use_consolidated=False)
     g = root[INDEX_GROUP]
     with _as_current(client):
-        _write_codes(st, g, idx.params, start, stop)
-    g.attrs.update({"indexed": stop, "extended": now()})
+        counts = _write_codes(st, g, idx.params, start, stop)
+    # One write: rows counted per list only once they are claimed as indexed.
+    g.attrs.update({"indexed": stop, "list_rows": (idx.list_rows + counts).tolist(), "extended": now()})
     return stop - start
 
 

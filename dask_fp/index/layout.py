@@ -10,17 +10,27 @@ from typing import Any
 
 import numpy as np
 
-from ..codes import CodeParams
+from ..codes import CodeBlock, CodeParams, Encoded
 from ..errors import StoreError
 from ..store import Store, open_store
 
 INDEX_GROUP = "index"
-INDEX_VERSION = 1
+INDEX_VERSION = 2
+INDEX_METHOD = "ivf-itq"
 
-#: Rows of codes scanned by one task (64 MiB of 512-bit codes). The FAISS Hamming
-#: kernel scans 1M codes in a few ms, so smaller tasks would cost more in scheduling
-#: than in scanning (bench/codes.py).
+#: Per-row arrays of the index, in :class:`~dask_fp.codes.Encoded`'s field order.
+ROW_ARRAYS = ("list", "codes", "rnorm2", "scale")
+
+#: Rows of codes scanned by one task (whole Zarr chunks). A query touches only its
+#: probed lists' rows of each task, so tasks can be large: fewer tasks, less
+#: scheduling per query (bench/codes.py).
 CODE_TASK_ROWS = 1 << 20
+
+
+def load_block(arrays: tuple[Any, ...], start: int, stop: int, lists: int) -> CodeBlock:
+    """Read rows ``start..stop`` of the index's row arrays (``ROW_ARRAYS``) and sort them by list."""
+    lst, codes, rnorm2, scale = (np.asarray(a[start:stop]) for a in arrays)
+    return CodeBlock.sort(Encoded(lst.astype(np.int32), codes, rnorm2, scale), start, lists)
 
 
 class Index:
@@ -31,6 +41,10 @@ class Index:
     params : CodeParams
     indexed : int
         Rows with codes (rows ``indexed..store.committed`` are scanned exactly).
+    list_rows : ndarray of int64, shape (lists,)
+        Indexed rows per list.
+    centroid_projection : ndarray of float32, shape (lists, nbits)
+        ``centroids @ projection`` (a query's ``(q − c) P`` is ``qP − cP``).
     """
 
     def __init__(self, store: Store) -> None:
@@ -43,7 +57,7 @@ class Index:
                 " or search exactly (--method exact)."
             ) from None
         a = dict(g.attrs)
-        if a.get("version") != INDEX_VERSION or a.get("method") != "itq":
+        if a.get("version") != INDEX_VERSION or a.get("method") != INDEX_METHOD:
             raise StoreError(f"{store.path}: index version/method {a.get('version')}/{a.get('method')} is not"
                              f" supported; rebuild it with `dask-fp index {store.path}`.")
         if int(a.get("feature_dim", -1)) != store.dim:
@@ -52,49 +66,45 @@ class Index:
         self.attrs = a
         self.group = g
         self.indexed = min(int(a["indexed"]), store.committed)
-        self.params = CodeParams(mean=np.asarray(g["mean"][:]), projection=np.asarray(g["projection"][:]))
-        self.codes_array = g["codes"]
-        if self.codes_array.shape[0] < self.indexed:
-            raise StoreError(f"{store.path}: index/codes holds fewer rows than its {self.indexed} indexed;"
+        self.params = CodeParams(centroids=np.asarray(g["centroids"][:]), projection=np.asarray(g["projection"][:]))
+        self.list_rows = np.asarray(a.get("list_rows", [0] * self.params.lists), dtype=np.int64)
+        self.arrays = tuple(g[n] for n in ROW_ARRAYS)
+        if len(self.list_rows) != self.params.lists or any(arr.shape[0] < self.indexed for arr in self.arrays):
+            raise StoreError(f"{store.path}: the index's arrays disagree with its {self.indexed} indexed rows;"
                              f" rebuild it with `dask-fp index {store.path}`.")
-        self._persisted: Any = None
-        self._blocks: list[tuple[Any, int]] | None = None
+        c = self.params.centroids
+        self.centroid_norm2 = np.einsum("ij,ij->i", c, c)
+        self.centroid_projection = c @ self.params.projection
+        self._blocks: list[Any] | None = None
 
-    def codes(self) -> Any:
-        """Codes of the indexed rows as a dask array, :data:`CODE_TASK_ROWS` rows (whole Zarr chunks) per task."""
-        if self._persisted is not None:
-            return self._persisted
-        import dask.array as da
-
-        c = int(self.codes_array.chunks[0])
-        rows = max(c, CODE_TASK_ROWS // c * c)
-        return da.from_zarr(self.codes_array, chunks=(rows, -1))[: self.indexed]
+    def ranges(self) -> list[tuple[int, int]]:
+        """Row ranges ``(start, stop)`` of the scan tasks: :data:`CODE_TASK_ROWS` rows of whole Zarr chunks each."""
+        c = int(self.arrays[1].chunks[0])
+        step = max(c, CODE_TASK_ROWS // c * c)
+        return [(s, min(s + step, self.indexed)) for s in range(0, self.indexed, step)]
 
     def persist(self) -> Index:
-        """Keep the codes in (cluster) memory.
-
-        On a distributed cluster the blocks' futures are kept too, so a query submits
-        one task per block and one merge (:func:`code_candidates`), with no array graph to
-        build and optimise per query.
-        """
-        import dask
-
-        (arr,) = dask.persist(self.codes())
-        self._persisted, self._blocks = arr, None
+        """Keep the coded rows in memory, sorted by list: on the workers of the current
+        distributed client (one future per task's block), else in this process."""
+        args = [(self.arrays, s, e, self.params.lists) for s, e in self.ranges()]
         try:
-            from distributed import futures_of
-        except ImportError:  # pragma: no cover - distributed is a dependency
+            from distributed import default_client, wait
+
+            client = default_client()
+        except (ImportError, ValueError):  # no distributed client: keep the blocks here
+            self._blocks = [load_block(*a) for a in args]
             return self
-        futs = {f.key: f for f in futures_of(arr)}
-        keys = [k[0] for k in arr.__dask_keys__()]  # one chunk across the code bytes
-        if futs and all(k in futs for k in keys):
-            starts = np.concatenate([[0], np.cumsum(arr.chunks[0])[:-1]]).astype(int).tolist()
-            self._blocks = list(zip([futs[k] for k in keys], starts, strict=True))
+        futs = [client.submit(load_block, *a, pure=False) for a in args]
+        wait(futs)
+        for f in futs:
+            if f.status == "error":
+                f.result()  # raises the task's error
+        self._blocks = futs
         return self
 
     @property
-    def blocks(self) -> list[tuple[Any, int]] | None:
-        """``(future, first row)`` of each persisted block on a distributed cluster, else None."""
+    def blocks(self) -> list[Any] | None:
+        """The persisted blocks (futures on a distributed cluster, else :class:`CodeBlock`), or None."""
         return self._blocks
 
 

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from functools import partial
-from typing import Any
-
 import numpy as np
 
-from ..codes import asym_chunk, block_candidates, byte_tables, hamming_chunk, project
+from ..codes import CodeBlock, block_candidates
 from ..errors import QueryError
 from ..kernels import chunk_distances, knn_merge, top_m
 from ..scan import knn
 from ..store import Store
-from .layout import Index, has_index
+from .layout import Index, has_index, load_block
 
 #: Stores with at least this many committed rows are searched with codes by default
 #: (``method="auto"``), when they have an index: the crossing point that bench/codes.py
@@ -22,17 +19,16 @@ from .layout import Index, has_index
 AUTO_CODES_ROWS = 40_000
 
 
-def default_candidates(m: int, rows: int) -> int:
-    """Candidates re-ranked exactly per query (one row read each): ``max(100·m, 1000, rows / 2000)``.
+#: Lists probed per query at least: more are probed until they hold ``candidates`` rows.
+DEFAULT_PROBES = 8
 
-    The share of rows grows the list with the store: the denser the store, the
-    more codes tie or nearly tie with the true neighbours'. On vectors that
-    follow real fingerprints (bench/codes.py, docs/performance.md), 1,000
-    candidates hold the true 10 nearest at recall 0.996 at 1M rows (300: 0.76),
-    and at 10M rows 5,000 candidates (each scan task's 5,000 nearest codes,
-    re-scored asymmetrically) at 0.985.
+
+def default_candidates(m: int, rows: int) -> int:
+    """Candidates re-ranked exactly per query (one row read each): ``max(10·m, 500)``, at most ``rows``.
+
+    On vectors that follow real fingerprints (bench/codes.py, docs/performance.md) ...
     """
-    return int(min(rows, max(100 * m, 1000, -(-rows // 2000))))
+    return int(min(rows, max(10 * m, 500)))
 
 
 def choose_method(store: Store, method: str, *, filtered: bool = False) -> str:
@@ -53,45 +49,47 @@ def choose_method(store: Store, method: str, *, filtered: bool = False) -> str:
     return method
 
 
-def _pack_codes(c: np.ndarray, block_info: Any = None) -> tuple[np.ndarray, np.ndarray]:
-    start, stop = block_info[0]["array-location"][0]
-    return (c, np.arange(start, stop, dtype=np.int64))
+def probe_lists(index: Index, q: np.ndarray, probes: int, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The lists each query probes: its nearest ``probes``, and more until they hold ``rows`` indexed rows.
 
-
-def code_candidates(codes: Any, qcodes: np.ndarray, m: int, *, tables: np.ndarray | None = None,
-                    pool: int | None = None, split_every: int | None = None,
-                    blocks: list[tuple[Any, int]] | None = None) -> np.ndarray:
-    """Rows of each query's ``m`` best codes: one reduction over the dask array ``codes``.
-
-    With ``tables`` (the queries' :func:`~dask_fp.codes.byte_tables`), each task
-    keeps its ``pool`` nearest codes by Hamming distance and ranks them by the
-    asymmetric score; without, by Hamming distance alone. With ``blocks``
-    (:attr:`Index.blocks` of a persisted index), the same tasks are submitted
-    straight to the cluster, one per block, and merged by one task.
+    Returns ``(lists int64 (q, p), ‖q − c‖² float32 (q, p), (q − c)P float32 (q, p, nbits))``; ``p`` is the
+    same for every query (the most any one needs).
     """
-    import dask.array as da
+    c2 = index.centroid_norm2
+    qc2 = np.maximum(np.einsum("ij,ij->i", q, q)[:, None] + c2[None, :] - 2 * (q @ index.params.centroids.T), 0)
+    order = np.argsort(qc2, axis=1, kind="stable")
+    held = np.cumsum(index.list_rows[order], axis=1)
+    need = np.minimum(rows, held[:, -1])  # every list when the index holds fewer rows
+    p = max(min(probes, len(c2)), int(np.max(np.argmax(held >= need[:, None], axis=1))) + 1)
+    lists = order[:, :p]
+    z = (q @ index.params.projection)[:, None, :] - index.centroid_projection[lists]
+    return lists, np.take_along_axis(qc2, lists, axis=1).astype(np.float32), z.astype(np.float32)
 
-    if codes.shape[0] == 0:
-        return np.empty((len(qcodes), 0), np.int64)
+
+def code_candidates(index: Index, q: np.ndarray, m: int, *, probes: int = DEFAULT_PROBES) -> np.ndarray:
+    """Rows ``(q, ≤ m)`` of each query's ``m`` best coded rows by estimated distance (``-1``: none).
+
+    One task per block of the index (:meth:`Index.ranges`): on the cluster's workers when the
+    index is persisted there (:meth:`Index.persist`), in this process when persisted without a
+    cluster, else read from the store by each task; one merge.
+    """
+    import dask
+
+    if index.indexed == 0:
+        return np.empty((len(q), 0), np.int64)
+    lists, qc2, z = probe_lists(index, q, probes, m)
+    kw = {"probes": lists, "qc2": qc2, "z": z, "m": m}
+    blocks = index.blocks
+    if blocks and not isinstance(blocks[0], CodeBlock):  # futures on a distributed cluster
+        client = blocks[0].client
+        parts = [client.submit(block_candidates, f, **kw, pure=False) for f in blocks]
+        return np.asarray(client.submit(knn_merge, parts, m=m, pure=False).result()[1])
     if blocks:
-        client = blocks[0][0].client
-        parts = [client.submit(block_candidates, fut, start, qcodes=qcodes, tables=tables, m=m, pool=pool or m,
-                               pure=False) for fut, start in blocks]
-        _, rows = client.submit(knn_merge, parts, m=m, pure=False).result()
-        return np.asarray(rows)
-    packed = da.map_blocks(_pack_codes, codes, dtype=np.uint8, meta=np.empty((0, 0), dtype=np.uint8))
-    if tables is None:
-        chunk = partial(hamming_chunk, qcodes=qcodes, m=m)
-    else:
-        chunk = partial(asym_chunk, qcodes=qcodes, tables=tables, m=m, pool=pool or m)
-    red = da.reduction(
-        packed, chunk=chunk, combine=partial(knn_merge, m=m),
-        aggregate=partial(knn_merge, m=m), axis=0, keepdims=True, concatenate=False,
-        split_every=split_every, dtype=np.int32, meta=np.empty((0, 0), dtype=np.int32), name="code-knn",
-    )
-    (block,) = red.to_delayed().ravel()
-    _, rows = block.compute()
-    return rows
+        return knn_merge([block_candidates(b, **kw) for b in blocks], m=m)[1]
+    load = dask.delayed(load_block, pure=True)
+    scan = dask.delayed(block_candidates, pure=False)
+    parts = [scan(load(index.arrays, s, e, index.params.lists), **kw) for s, e in index.ranges()]
+    return np.asarray(dask.delayed(knn_merge)(parts, m=m).compute()[1])
 
 
 def rerank(store: Store, queries: np.ndarray, cand: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
@@ -101,17 +99,20 @@ def rerank(store: Store, queries: np.ndarray, cand: np.ndarray, m: int) -> tuple
     uncompressed store, see :mod:`dask_fp.store.rows`); their squared norms are
     computed from them as the writer computes the stored ``norm2`` (float32
     ``einsum``), so every distance equals the exact scan's.
+    Rows ``-1`` (no candidate: fewer rows were probed) are dropped.
     """
     q = np.ascontiguousarray(queries, dtype=np.float32)
-    flat = np.unique(cand)
+    flat = np.unique(cand[cand >= 0])
     if flat.size == 0:
         return np.empty((len(q), 0), np.float32), np.empty((len(q), 0), np.int64)
     x = store.read("fingerprint", flat).astype(np.float32, copy=False)
     n2 = np.einsum("ij,ij->i", x, x)
     d = chunk_distances(x, n2, q, np.einsum("ij,ij->i", q, q))  # (q, |flat|)
-    pos = np.searchsorted(flat, cand)
-    dist = np.take_along_axis(d, pos, axis=1)
-    return top_m(dist, cand, m)
+    pos = np.searchsorted(flat, cand).clip(max=len(flat) - 1)
+    dist = np.where(cand >= 0, np.take_along_axis(d, pos, axis=1), np.inf)
+    dist, rows = top_m(dist, cand, m)
+    keep = int(np.isfinite(dist).all(axis=0).sum())  # every query probed the same rows when any came short
+    return dist[:, :keep], rows[:, :keep]
 
 
 def code_search(
@@ -121,8 +122,7 @@ def code_search(
     *,
     index: Index | None = None,
     candidates: int | None = None,
-    pool: int | None = None,
-    asymmetric: bool = True,
+    probes: int = DEFAULT_PROBES,
     split_every: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Approximate ``m`` nearest rows with exact distances: code scan, exact re-rank, exact tail.
@@ -136,12 +136,10 @@ def code_search(
         An opened (possibly persisted) index of ``store``; opened when None.
     candidates : int, optional
         Rows re-ranked exactly per query (:func:`default_candidates` when None).
-    pool : int, optional
-        Hamming shortlist per scan task, re-scored asymmetrically to pick the
-        candidates (``candidates`` when None; at least ``candidates``).
-    asymmetric : bool
-        Re-score each shortlist asymmetrically (default); False ranks by Hamming
-        distance alone (the baseline bench/codes.py measures against).
+    probes : int
+        Lists probed per query at least (more when they hold fewer than ``candidates`` rows).
+    split_every : int, optional
+        Tree width of the exact scan of rows added since the index.
 
     Returns
     -------
@@ -149,17 +147,16 @@ def code_search(
     """
     if m < 1:
         raise QueryError(f"k must be at least 1, got {m}")
+    if probes < 1:
+        raise QueryError(f"probes must be at least 1, got {probes}")
     q = np.ascontiguousarray(queries, dtype=np.float32)
     if q.ndim != 2 or q.shape[1] != store.dim:
         raise QueryError(f"queries must have shape (q, {store.dim}), got {q.shape}")
     idx = index if index is not None else Index(store)
-    c = candidates if candidates is not None else default_candidates(m, idx.indexed)
+    c = candidates if candidates is not None else max(m, default_candidates(m, idx.indexed))
     if c < m:
         raise QueryError(f"candidates ({c}) must be at least k ({m})")
-    z = project(q, idx.params)
-    cand = code_candidates(idx.codes(), np.packbits(z >= 0, axis=1), c, tables=byte_tables(z) if asymmetric else None,
-                           pool=max(c, pool or c), split_every=split_every, blocks=idx.blocks)
-    parts = [rerank(store, q, cand, m)]
+    parts = [rerank(store, q, code_candidates(idx, q, c, probes=probes), m)]
     if idx.indexed < store.committed:  # rows added since the index: scanned exactly
         lo = idx.indexed
         td, tr = knn(store.fingerprints()[lo:], store.norm2()[lo:], q, m, split_every=split_every)
