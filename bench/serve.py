@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
         idx = load(st, persist=True, log=print)  # what `dask-fp serve` does: fingerprints and codes persisted
         assert idx is not None
-        wait(futures_of(st.fingerprints()) + futures_of(st.tiles()) + futures_of(idx.codes()))
+        wait(futures_of(st.fingerprints()) + futures_of(st.tiles()) + list(idx.blocks or []))
         persist_s = time.perf_counter() - t0
         print(f"persisted {st.committed:,} rows and their codes in {persist_s:.1f} s")
         h, w = st.sources[0]["shape"]

@@ -9,7 +9,7 @@ route calls:
 
 - ``check``: the page's uid checks (``TileIndex.has``);
 - ``query``: the example's fingerprint read and the combined query (``combined_query``);
-- ``code_scan``: the distributed Hamming pass (``index.code_candidates``);
+- ``code_scan``: the distributed pass over the probed lists' codes (``index.code_candidates``);
 - ``rerank``: the candidates' rows read by ``pread`` and re-ranked (``index.rerank``);
 - ``exact_scan``: the exact reduction over the persisted store (``scan.store_knn``, with the hits' columns);
 - ``hit_columns``: the codes hits' coordinate columns, from cluster memory (``scan.store_hits``, what
@@ -51,7 +51,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from distributed import Client, LocalCluster, futures_of, wait
 
     import dask_fp
-    from dask_fp.codes import encode
     from dask_fp.examples import BETA, as_examples, combined_query
     from dask_fp.index import code_candidates, default_candidates, rerank
     from dask_fp.kernels import candidates_needed
@@ -83,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         st = dask_fp.open_store(path)
         idx = load(st, persist=True, log=print)
         assert idx is not None, f"{path} has no index: run bench/serve.py first"
-        wait(futures_of(st.fingerprints()) + futures_of(st.tiles()) + futures_of(idx.codes()))
+        wait(futures_of(st.fingerprints()) + futures_of(st.tiles()) + list(idx.blocks or []))
         tiles = TileIndex(st)
         tiling = store_tiling(st)
         m = candidates_needed(K, tiling, dedup=True, from_store=True, n_own=1)
@@ -96,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             timed("check", tiles.has, uid)
             q = timed("query", combined_query, st, as_examples([uid]), [], beta=BETA)
             vecs = q.vector[None, :].astype(np.float32)
-            cand = timed("code_scan", code_candidates, idx.codes(), encode(vecs, idx.params), cands)
+            cand = timed("code_scan", code_candidates, idx, vecs, cands)
             d, r = timed("rerank", rerank, st, vecs, cand, m)
             rec = timed("hit_columns", store_hits, st, r)
             timed("hit_columns_from_zarr", read_hits, st, r)

@@ -37,6 +37,7 @@ import numpy as np
 
 from .errors import QueryError
 from .kernels import top_m
+from .malloc import keep_buffers
 
 
 @dataclass(frozen=True)
@@ -180,28 +181,26 @@ def byte_tables(z: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(z.reshape(*z.shape[:-1], -1, 8) @ _BYTE_SIGNS.T)
 
 
-def asym_scores(codes: np.ndarray, table: np.ndarray, which: np.ndarray | None = None) -> np.ndarray:
-    """``⟨z, b⟩`` ``(n,)`` float32 of codes ``(n, nbytes)`` by table look-up.
-
-    ``table`` is one query's :func:`byte_tables` ``(nbytes, 256)``, or with ``which``
-    (``(n,)`` int) a stack ``(t, nbytes, 256)`` of which row ``i`` uses ``table[which[i]]``.
-    """
+def asym_scores(codes: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """``⟨z, b⟩`` ``(n,)`` float32 of codes ``(n, nbytes)`` for one query's :func:`byte_tables` ``(nbytes, 256)``."""
     codes = np.asarray(codes, dtype=np.uint8)
-    nbytes = table.shape[-2]
-    if codes.ndim != 2 or codes.shape[1] != nbytes:
-        raise QueryError(f"codes must have shape (n, {nbytes}), got {codes.shape}")
-    flat = codes.astype(np.intp) + np.arange(0, 256 * nbytes, 256, dtype=np.intp)
-    if which is not None:
-        flat += (np.asarray(which, dtype=np.intp) * (256 * nbytes))[:, None]
+    nbytes = table.shape[0]
+    if codes.ndim != 2 or codes.shape[1] != nbytes or table.ndim != 2:
+        raise QueryError(f"codes must have shape (n, {nbytes}) and the table (nbytes, 256), got {codes.shape}"
+                         f" and {table.shape}")
+    flat = codes.astype(np.intp)
+    flat += np.arange(0, 256 * nbytes, 256, dtype=np.intp)
     return table.ravel()[flat].sum(axis=1, dtype=np.float32)
 
 
-def estimates(enc: Encoded, qc2: float | np.ndarray, table: np.ndarray, which: np.ndarray | None = None) -> np.ndarray:
-    """Estimated squared distances ``‖q − c‖² + ‖x − c‖² − 2·scale·⟨z, b⟩`` of coded rows (see module doc).
-
-    ``qc2`` is ``‖q − c‖²`` of the rows' list (a scalar, or per row with ``which``).
-    """
-    return (qc2 + enc.rnorm2 - 2 * enc.scale * asym_scores(enc.codes, table, which)).astype(np.float32)
+def estimates(enc: Encoded, qc2: float, table: np.ndarray) -> np.ndarray:
+    """Estimated squared distances ``‖q − c‖² + ‖x − c‖² − 2·scale·⟨z, b⟩`` of rows coded in one list
+    (see the module doc): ``qc2`` is ``‖q − c‖²``, ``table`` the :func:`byte_tables` of ``z = (q − c) P``."""
+    est = asym_scores(enc.codes, table)
+    est *= -2 * enc.scale
+    est += enc.rnorm2
+    est += np.float32(qc2)
+    return est
 
 
 # --------------------------------------------------------------------------- per scan task
@@ -245,24 +244,36 @@ class CodeBlock:
         (estimate float32 (q, w), rows int64 (q, w)), sorted by (estimate, row); ``w = min(m, the
         most rows any query probed here)``, shorter lists padded with ``inf`` and row ``-1``.
         """
+        e = self.enc
         out = []
         for i in range(len(probes)):
-            lo, hi = self.offsets[probes[i]], self.offsets[np.asarray(probes[i]) + 1]
-            sel = np.concatenate([np.arange(a, b) for a, b in zip(lo.tolist(), hi.tolist(), strict=True)] or
-                                 [np.empty(0, np.int64)])
-            which = np.repeat(np.arange(len(lo)), hi - lo)
-            part = Encoded(self.enc.lists[sel], self.enc.codes[sel], self.enc.rnorm2[sel], self.enc.scale[sel])
-            est = estimates(part, qc2[i][which], byte_tables(z[i]), which)
-            out.append(top_m(est[None], self.rows[sel], m))
+            tables = byte_tables(z[i])
+            est: list[np.ndarray] = []
+            rows: list[np.ndarray] = []
+            for j, lst in enumerate(np.asarray(probes[i]).tolist()):
+                lo, hi = int(self.offsets[lst]), int(self.offsets[lst + 1])
+                if hi > lo:  # the list's rows are one contiguous slice: views, no copies
+                    part = Encoded(e.lists[lo:hi], e.codes[lo:hi], e.rnorm2[lo:hi], e.scale[lo:hi])
+                    est.append(estimates(part, float(qc2[i, j]), tables[j]))
+                    rows.append(self.rows[lo:hi])
+            if not est:
+                est.append(np.empty(0, np.float32))
+                rows.append(np.empty(0, np.int64))
+            out.append(top_m(np.concatenate(est)[None], np.concatenate(rows), m))
         w = max((len(r[0]) for _, r in out), default=0)
         dist = np.full((len(out), w), np.inf, np.float32)
-        rows = np.full((len(out), w), -1, np.int64)
+        ids = np.full((len(out), w), -1, np.int64)
         for i, (d, r) in enumerate(out):
-            dist[i, : d.shape[1]], rows[i, : r.shape[1]] = d[0], r[0]
-        return dist, rows
+            dist[i, : d.shape[1]], ids[i, : r.shape[1]] = d[0], r[0]
+        return dist, ids
 
 
 def block_candidates(block: CodeBlock, *, probes: np.ndarray, qc2: np.ndarray, z: np.ndarray,
                      m: int) -> tuple[np.ndarray, np.ndarray]:
-    """A scan task: :meth:`CodeBlock.candidates` (a module function, for ``client.submit``)."""
+    """A scan task: :meth:`CodeBlock.candidates` (a module function, for ``client.submit``).
+
+    Its look-up buffers are megabytes per list: :func:`~dask_fp.malloc.keep_buffers` lets a
+    Dask worker reuse them (4-10x faster tasks on a nanny-started worker, bench/codes_breakdown.py).
+    """
+    keep_buffers()
     return block.candidates(probes, qc2, z, m)

@@ -71,7 +71,12 @@ def test_estimate_is_exact_for_a_residual_its_code_holds_exactly():
     enc = encode(x, p)
     np.testing.assert_array_equal(enc.lists, lst)
     qc = q - p.centroids
-    est = estimates(enc, ((qc**2).sum(1))[enc.lists], byte_tables(qc @ p.projection), enc.lists)
+    tables = byte_tables(qc @ p.projection)
+    est = np.empty(len(x), np.float32)
+    for lst in range(3):
+        sel = enc.lists == lst
+        part = Encoded(*(a[sel] for a in (enc.lists, enc.codes, enc.rnorm2, enc.scale)))
+        est[sel] = estimates(part, float((qc[lst] ** 2).sum()), tables[lst])
     np.testing.assert_allclose(est, ((x - q) ** 2).sum(1), rtol=1e-4)
     np.testing.assert_allclose(est, oracle_estimates(enc, p, q), rtol=1e-5)
 
@@ -125,15 +130,8 @@ def test_asym_kernels_reject_bad_shapes():
         byte_tables(np.zeros((1, 12), np.float32))
     with pytest.raises(QueryError, match="codes must have shape"):
         asym_scores(np.zeros((3, 4), np.uint8), np.zeros((8, 256), np.float32))
-
-
-def test_asym_scores_with_a_table_per_row():
-    rng = np.random.default_rng(7)
-    codes = rng.integers(0, 256, (30, 8), dtype=np.uint8)
-    tables = byte_tables(rng.normal(size=(4, 64)).astype(np.float32))
-    which = rng.integers(0, 4, 30)
-    want = np.array([asym_scores(codes[i : i + 1], tables[w])[0] for i, w in enumerate(which)])
-    np.testing.assert_allclose(asym_scores(codes, tables, which), want, rtol=1e-6)
+    with pytest.raises(QueryError, match="codes must have shape"):
+        asym_scores(np.zeros((3, 8), np.uint8), np.zeros((2, 8, 256), np.float32))
 
 
 def test_block_candidates_are_the_best_estimates_of_the_probed_lists():

@@ -143,7 +143,10 @@ def test_persisted_index_answers_like_the_streamed_one(client, store_dir, monkey
     fresh = open_index(st)
     assert fresh.blocks is None and len(fresh.ranges()) > 1
     held = open_index(st).persist()
-    assert len(held.blocks) == len(fresh.ranges()) and not isinstance(held.blocks[0], CodeBlock)
+    threads = sum(client.nthreads().values())
+    assert threads > 1 and not isinstance(held.blocks[0], CodeBlock)
+    assert len(held.blocks) == len(held.ranges(-(-st.committed // threads))) > 1  # one block per worker thread
+    assert len({w for ws in client.who_has(held.blocks).values() for w in ws}) == len(client.nthreads())
 
     def no_client():
         raise ValueError("no client")

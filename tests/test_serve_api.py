@@ -389,7 +389,6 @@ def _hits(r: Any) -> list[tuple[int, float]]:
 
 
 def test_serve_load_persists_fingerprints_and_codes(indexed: Any, client: Any) -> None:
-    from distributed import futures_of
 
     from dask_fp.serve.run import load
 
@@ -397,11 +396,11 @@ def test_serve_load_persists_fingerprints_and_codes(indexed: Any, client: Any) -
     st = open_store(indexed.path)
     idx = load(st, persist=True, log=said.append)
     assert idx is not None and idx.indexed == st.committed
-    assert st.persisted and futures_of(idx.codes())  # the codes are held by the cluster, like the fingerprints
+    assert st.persisted and idx.blocks and all(b.status == "finished" for b in idx.blocks)  # held by the cluster
     assert any("scan every fingerprint exactly (the index is used from" in m for m in said), said
     st2 = open_store(indexed.path)
     idx2 = load(st2, persist=False, log=said.append)
-    assert idx2 is not None and not st2.persisted and not futures_of(idx2.codes())
+    assert idx2 is not None and not st2.persisted and idx2.blocks is None
 
 
 def test_serve_load_without_an_index(built: Any) -> None:

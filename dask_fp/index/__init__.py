@@ -6,38 +6,57 @@ fingerprints; the rest of the store neither reads nor writes it.
 ====================  ==================  =======  ======================================
 name                  shape               dtype    meaning
 ====================  ==================  =======  ======================================
-index/codes           (tile, nbytes)      uint8    binary code of each indexed row;
-                                                   chunked by rows like ``fingerprint``
-index/mean            (feature,)          float32  training mean
-index/projection      (feature, nbits)    float32  PCA axes × ITQ rotation
+index/list            (tile,)             int32    the row's list (nearest centroid)
+index/codes           (tile, nbytes)      uint8    sign bits of the row's residual
+                                                   ``(x − centroid) @ projection``
+index/rnorm2          (tile,)             float32  ``‖x − centroid‖²``
+index/scale           (tile,)             float32  ``‖y‖² / Σ|y|`` of the projected residual
+                                                   ``y`` (the estimator's factor)
+index/centroids       (lists, feature)    float32  k-means centroids
+index/projection      (feature, nbits)    float32  residual PCA axes × ITQ rotation
 ====================  ==================  =======  ======================================
 
-Attributes of ``index``: ``method`` ("itq"), ``nbits``, ``indexed`` (rows
-0..indexed−1 have codes), ``trained_on`` (training rows), ``feature_dim``,
-``version``, ``built``. :func:`build_index` trains and encodes every
-committed row (under the store's writer lock); :func:`extend_index` encodes
-the rows added since (``indexed..committed``) with the trained parameters.
+The per-row arrays are chunked by rows like ``fingerprint`` (one Zarr chunk
+holds the same rows in each), so an ingest appends to them chunk by chunk:
+``nbits / 8 + 12`` bytes per tile (76 B at 512 bits). Attributes of ``index``:
+``method`` ("ivf-itq"), ``version`` (2), ``nbits``, ``lists``, ``indexed``
+(rows 0..indexed−1 have codes), ``list_rows`` (indexed rows per list, written
+in the same update as ``indexed``), ``trained_on``, ``feature_dim``,
+``built``. :func:`build_index` trains (k-means on a sample, then PCA + ITQ on
+the sample's residuals) and encodes every committed row (under the store's
+writer lock); :func:`extend_index` encodes the rows added since
+(``indexed..committed``) with the trained parameters. An index of the
+earlier format (version 1: one global binary code) is refused with the
+command that rebuilds it.
 
-Query (:func:`code_search`): one ``dask.array.reduction`` over the codes; each
-task keeps each query's ``pool`` nearest codes by Hamming distance (FAISS's
-popcount kernel when installed) and re-scores them with the asymmetric score
-of :mod:`.codes` (the query's projection, not its code, against the codes'
-signs), keeping the best ``candidates``; the tasks' lists are merged in a
-tree like the exact scan. The candidates' full
-fingerprints are then read row by row (:mod:`dask_fp.store.rows`: one
-``pread`` per row from an uncompressed store) and re-ranked with the exact distance of :mod:`.kernels`, so
-every returned distance is exact, and rows added after the index was built
-(``indexed..committed``) are scanned exactly and merged in. The answer can
-only differ from the exact scan by missing a neighbour whose code ranked
-below the candidate cut (recall, measured in ``bench/codes.py``).
+Query (:func:`code_search`): the query's distances to the centroids pick its
+lists (the nearest ``probes``, more until they hold ``candidates`` rows); one
+task per block of :data:`CODE_TASK_ROWS` rows (kept in cluster memory sorted
+by list after :meth:`Index.persist`) scores only the rows of those lists with
+the estimated distance of :mod:`dask_fp.codes` and keeps the best
+``candidates``; one task merges them. The candidates' full fingerprints are
+then read row by row (:mod:`dask_fp.store.rows`) and re-ranked with the exact
+distance of :mod:`.kernels`, so every returned distance is exact, and rows
+added after the index was built (``indexed..committed``) are scanned exactly
+and merged in. The answer can only differ from the exact scan by missing a
+neighbour in an unprobed list or whose estimate ranked below the candidate
+cut (recall, measured in ``bench/codes.py``).
 """
 
-from .build import IndexOptions, build_index, extend_index
+from .build import IndexOptions, build_index, default_lists, extend_index
 from .layout import CODE_TASK_ROWS, INDEX_GROUP, INDEX_VERSION, Index, has_index, open_index
-from .search import AUTO_CODES_ROWS, choose_method, code_candidates, code_search, default_candidates, rerank
+from .search import (
+    AUTO_CODES_ROWS,
+    DEFAULT_PROBES,
+    choose_method,
+    code_candidates,
+    code_search,
+    default_candidates,
+    rerank,
+)
 
 __all__ = [
-    "AUTO_CODES_ROWS", "CODE_TASK_ROWS", "INDEX_GROUP", "INDEX_VERSION", "Index", "IndexOptions", "build_index",
-    "choose_method", "code_candidates", "code_search", "default_candidates", "extend_index", "has_index",
-    "open_index", "rerank",
+    "AUTO_CODES_ROWS", "CODE_TASK_ROWS", "DEFAULT_PROBES", "INDEX_GROUP", "INDEX_VERSION", "Index", "IndexOptions",
+    "build_index", "choose_method", "code_candidates", "code_search", "default_candidates", "default_lists",
+    "extend_index", "has_index", "open_index", "rerank",
 ]

@@ -21,9 +21,10 @@ INDEX_METHOD = "ivf-itq"
 #: Per-row arrays of the index, in :class:`~dask_fp.codes.Encoded`'s field order.
 ROW_ARRAYS = ("list", "codes", "rnorm2", "scale")
 
-#: Rows of codes scanned by one task (whole Zarr chunks). A query touches only its
-#: probed lists' rows of each task, so tasks can be large: fewer tasks, less
-#: scheduling per query (bench/codes.py).
+#: Rows read and scanned by one task of a query on an index that is not persisted
+#: (whole Zarr chunks; 76 MiB of rows at 512 bits). A persisted index is held as one
+#: block per worker thread instead: a query touches only its probed lists' rows of a
+#: block, so its cost is per task, not per row (bench/codes_breakdown.py).
 CODE_TASK_ROWS = 1 << 20
 
 
@@ -77,24 +78,29 @@ class Index:
         self.centroid_projection = c @ self.params.projection
         self._blocks: list[Any] | None = None
 
-    def ranges(self) -> list[tuple[int, int]]:
-        """Row ranges ``(start, stop)`` of the scan tasks: :data:`CODE_TASK_ROWS` rows of whole Zarr chunks each."""
+    def ranges(self, rows: int | None = None) -> list[tuple[int, int]]:
+        """Row ranges ``(start, stop)`` of tasks of about ``rows`` rows (:data:`CODE_TASK_ROWS` when
+        None), in whole Zarr chunks (at least one)."""
         c = int(self.arrays[1].chunks[0])
-        step = max(c, CODE_TASK_ROWS // c * c)
+        step = max(c, -(-(CODE_TASK_ROWS if rows is None else rows) // c) * c)
         return [(s, min(s + step, self.indexed)) for s in range(0, self.indexed, step)]
 
     def persist(self) -> Index:
-        """Keep the coded rows in memory, sorted by list: on the workers of the current
-        distributed client (one future per task's block), else in this process."""
-        args = [(self.arrays, s, e, self.params.lists) for s, e in self.ranges()]
+        """Keep the coded rows in memory, sorted by list: one block per thread of the current
+        distributed client's workers (a query then runs one task per thread and one merge), or
+        one block in this process without a distributed client."""
         try:
             from distributed import default_client, wait
 
             client = default_client()
-        except (ImportError, ValueError):  # no distributed client: keep the blocks here
-            self._blocks = [load_block(*a) for a in args]
+        except (ImportError, ValueError):  # no distributed client: keep the rows here
+            self._blocks = [load_block(self.arrays, 0, self.indexed, self.params.lists)] if self.indexed else []
             return self
-        futs = [client.submit(load_block, *a, pure=False) for a in args]
+        slots = [w for w, n in sorted(client.nthreads().items()) for _ in range(n)]
+        ranges = self.ranges(-(-self.indexed // max(1, len(slots))))
+        futs = [client.submit(load_block, self.arrays, s, e, self.params.lists, pure=False,
+                              workers=[slots[i % len(slots)]], allow_other_workers=True)
+                for i, (s, e) in enumerate(ranges)]
         wait(futs)
         for f in futs:
             if f.status == "error":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from ..codes import CodeBlock, block_candidates
@@ -69,24 +71,26 @@ def probe_lists(index: Index, q: np.ndarray, probes: int, rows: int) -> tuple[np
 def code_candidates(index: Index, q: np.ndarray, m: int, *, probes: int = DEFAULT_PROBES) -> np.ndarray:
     """Rows ``(q, ≤ m)`` of each query's ``m`` best coded rows by estimated distance (``-1``: none).
 
-    One task per block of the index (:meth:`Index.ranges`): on the cluster's workers when the
-    index is persisted there (:meth:`Index.persist`), in this process when persisted without a
-    cluster, else read from the store by each task; one merge.
+    One task per block of the index: per worker thread when the index is persisted on a
+    distributed cluster (:meth:`Index.persist`; the blocks' lists are merged here), in this
+    process when persisted without one, else one task per :meth:`Index.ranges` block that
+    reads its rows from the store, and a merge task.
     """
     import dask
 
     if index.indexed == 0:
         return np.empty((len(q), 0), np.int64)
     lists, qc2, z = probe_lists(index, q, probes, m)
-    kw = {"probes": lists, "qc2": qc2, "z": z, "m": m}
+    kw: dict[str, Any] = {"probes": lists, "qc2": qc2, "z": z, "m": m}
     blocks = index.blocks
     if blocks and not isinstance(blocks[0], CodeBlock):  # futures on a distributed cluster
         client = blocks[0].client
-        parts = [client.submit(block_candidates, f, **kw, pure=False) for f in blocks]
-        return np.asarray(client.submit(knn_merge, parts, m=m, pure=False).result()[1])
+        # The blocks' lists are small (m rows each): merged here, without one more task's round trip.
+        parts = client.gather([client.submit(block_candidates, f, **kw, pure=False) for f in blocks])
+        return knn_merge(parts, m=m)[1]
     if blocks:
         return knn_merge([block_candidates(b, **kw) for b in blocks], m=m)[1]
-    load = dask.delayed(load_block, pure=True)
+    load = dask.delayed(load_block, pure=False)
     scan = dask.delayed(block_candidates, pure=False)
     parts = [scan(load(index.arrays, s, e, index.params.lists), **kw) for s, e in index.ranges()]
     return np.asarray(dask.delayed(knn_merge)(parts, m=m).compute()[1])

@@ -43,9 +43,9 @@ def _area(req: SearchRequest) -> Any:
 
 METHOD_DETAIL = {
     "exact": "exact scan of every stored fingerprint",
-    "codes": "compact binary codes pick candidates (a Hamming shortlist re-scored against the query's projection);"
-             " their full fingerprints are re-ranked: distances are exact, a true neighbour whose code ranked"
-             " below the cut can be missed",
+    "codes": "compact codes pick candidates (the rows of the query's nearest k-means lists, ranked by distances"
+             " estimated from 1-bit residual codes); their full fingerprints are re-ranked: distances are exact,"
+             " a true neighbour in an unprobed list or ranked below the cut can be missed",
     "classifier": "classifier trained on the labels, applied to every stored tile (exact pass)",
 }
 

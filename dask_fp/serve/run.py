@@ -80,7 +80,7 @@ def load(store: Store, *, persist: bool, log: Callable[[str], None]) -> Index | 
             code_index.persist()
     if choose_method(store, "auto") == "codes" and code_index is not None:
         log(f"serve: searches use the compact-code index ({code_index.indexed} rows, "
-            f"{code_index.attrs['nbits']} bits); candidates are re-ranked exactly")
+            f"{code_index.attrs['nbits']} bits, {code_index.params.lists} lists); candidates are re-ranked exactly")
     else:
         log("serve: searches scan every fingerprint exactly" + (
             "" if code_index is None else f" (the index is used from {AUTO_CODES_ROWS} rows on)"))
