@@ -103,7 +103,7 @@ def write_store(path: Path, blocks: Callable[[int, int], np.ndarray], n: int, di
 
 
 def real_section(args: argparse.Namespace, client: Any) -> dict[str, Any]:
-    from dask_fp.index import IndexOptions, build_index, code_search, open_index
+    from dask_fp.index import DEFAULT_PROBES, IndexOptions, build_index, code_search, open_index
     from dask_fp.scan import knn
 
     real = cd.real_fingerprints(args.workdir / f"ucm_lite0_rot{args.rotations}.npy", rotations=args.rotations)
@@ -115,12 +115,16 @@ def real_section(args: argparse.Namespace, client: Any) -> dict[str, Any]:
     st, _ = write_store(args.workdir / "real.zarr", lambda i, m: x[i * BLOCK : i * BLOCK + m], len(x), x.shape[1])
     _, exact = knn(st.fingerprints(), st.norm2(), q, K)
     for nbits in (int(b) for b in args.nbits.split(",")):
-        build_index(st.path, IndexOptions(nbits=nbits), client=client)
+        info = build_index(st.path, IndexOptions(nbits=nbits), client=client)
+        out["lists"] = info["lists"]
         idx = open_index(st)
-        for c in (50, 100, 300, 1000):
-            _, r = code_search(st, q, K, index=idx, candidates=c)
-            out["recall"].append({"nbits": nbits, "bytes": nbits // 8, "candidates": c, "recall": recall(exact, r)})
-            say(f"  real {nbits} bits, {c} candidates: recall@10 {out['recall'][-1]['recall']:.3f}")
+        for p in (1, 2, 4, DEFAULT_PROBES):
+            for c in (50, 100, 300, 1000):
+                _, r = code_search(st, q, K, index=idx, candidates=c, probes=p)
+                out["recall"].append({"nbits": nbits, "bytes": nbits // 8, "probes": p, "candidates": c,
+                                      "recall": recall(exact, r)})
+                say(f"  real {nbits} bits, {info['lists']} lists, {p} probed, {c} candidates:"
+                    f" recall@10 {out['recall'][-1]['recall']:.3f}")
     return out
 
 

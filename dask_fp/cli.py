@@ -180,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", choices=("auto", "exact", "codes"), default="auto",
                    help="exact scan, or compact codes + exact re-rank (auto: codes for large indexed stores)")
     q.add_argument("--candidates", type=_positive, help="rows re-ranked exactly per query (--method codes)")
+    q.add_argument("--probes", type=_positive,
+                   help="index lists probed per query, at least (--method codes; default 8; more: higher recall)")
     _common_query_args(q, "write hits, mosaics, places (GeoJSON, GeoParquet) and score COGs here")
 
     c = sub.add_parser("classify", help="train a linear classifier on labelled tiles and score every tile")
@@ -296,7 +298,8 @@ def cmd_query(args: argparse.Namespace) -> int:
         hits = search(session.store, images=args.image, uids=args.uid, lonlats=args.lonlat,
                       positives=session.positives, negatives=session.negatives, beta=args.beta, k=args.k,
                       dedup=not args.no_dedup, include_self=args.include_self, model=session.model,
-                      method=method, candidates=args.candidates, **_filters(args))
+                      method=method, candidates=args.candidates,
+                      **({"probes": args.probes} if args.probes else {}), **_filters(args))
         if args.save_labels:
             session.save(args.save_labels)
     files = write_outputs(hits, args.out) if args.out else None

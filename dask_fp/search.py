@@ -24,7 +24,7 @@ from .errors import DaskFpError, QueryError, StoreError
 from .examples import BETA, Example, as_examples, combined_query
 from .filters import Area, candidate_blocks, filter_columns, make_filter
 from .hits import TABLE_COLUMNS, Hits
-from .index import Index, choose_method, code_search
+from .index import DEFAULT_PROBES, Index, choose_method, code_search
 from .kernels import RowFilter, candidates_needed, dedup_mask
 from .models import ModelOptions
 from .query import Query, image_queries, lonlat_queries, store_tiling, uid_queries
@@ -117,6 +117,7 @@ def search(
     split_every: int | None = None,
     method: str = "auto",
     candidates: int | None = None,
+    probes: int = DEFAULT_PROBES,
     index: Index | None = None,
 ) -> Hits:
     """k nearest tiles for a batch of queries, in one pass over the store.
@@ -163,6 +164,8 @@ def search(
         ``auto``: codes for large stores with an index (:func:`dask_fp.index.choose_method`).
     candidates : int, optional
         Rows re-ranked exactly per query with ``codes`` (default :func:`dask_fp.index.default_candidates`).
+    probes : int
+        Index lists probed per query with ``codes``, at least (:data:`dask_fp.index.DEFAULT_PROBES`).
     index : Index, optional
         The store's opened index (e.g. :meth:`~dask_fp.index.Index.persist`-ed, so its codes stay in
         cluster memory between queries); opened from the store for each query when None.
@@ -192,7 +195,8 @@ def search(
 
     def run() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if how == "codes":
-            d, r = code_search(st, vecs, m, index=index, candidates=candidates, split_every=split_every)
+            d, r = code_search(st, vecs, m, index=index, candidates=candidates, probes=probes,
+                               split_every=split_every)
             return d, r, store_hits(st, r)
         blocks = None if where is None else candidate_blocks(st, where, st.fingerprints().chunks[0])
         return store_knn(st, vecs, m, split_every=split_every, where=where, columns=filter_columns(st, where),

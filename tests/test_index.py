@@ -213,7 +213,8 @@ def test_cli_index_and_query_method(client, store_dir, capsys):
     assert main(["index", str(store_dir.path), "--nbits", "64", "--scheduler", addr]) == 0
     assert f"{len(store_dir.fingerprint)} rows, 64 bits (8 B/tile)" in capsys.readouterr().out
     uid = str(int(store_dir.cols["uid"][5]))
-    assert main(["query", str(store_dir.path), "--uid", uid, "--method", "codes", "--json", "--scheduler", addr]) == 0
+    assert main(["query", str(store_dir.path), "--uid", uid, "--method", "codes", "--json", "--probes", "2",
+                 "--scheduler", addr]) == 0
     out = capsys.readouterr()
     assert "method codes" in out.err and '"hits"' in out.out
     append_source(store_dir, 9, "d.tif")
