@@ -81,7 +81,8 @@ def _write_codes(store: Store, group: Any, params: CodeParams, start: int, stop:
     edges = [start, *range((start // c + 1) * c, stop, c), stop]
     fp = store.arrays["fingerprint"]
     task = dask.delayed(_encode_rows, pure=False)
-    counts = dask.compute(*[task(fp, out, a, b, params) for a, b in zip(edges[:-1], edges[1:], strict=True)])
+    trained = dask.delayed(params, pure=True)  # one key: the centroids travel once per worker, not per task
+    counts = dask.compute(*[task(fp, out, a, b, trained) for a, b in zip(edges[:-1], edges[1:], strict=True)])
     return np.sum(counts, axis=0)
 
 

@@ -22,13 +22,19 @@ AUTO_CODES_ROWS = 40_000
 
 
 #: Lists probed per query at least: more are probed until they hold ``candidates`` rows.
+#: On the real UC Merced fingerprints (32 lists) recall@10 at 50 candidates was 0.94 with 1 or
+#: 2 lists probed, 0.98 with 4 and 0.996 with 8 (bench/codes.py, docs/performance.md).
 DEFAULT_PROBES = 8
 
 
 def default_candidates(m: int, rows: int) -> int:
     """Candidates re-ranked exactly per query (one row read each): ``max(10·m, 500)``, at most ``rows``.
 
-    On vectors that follow real fingerprints (bench/codes.py, docs/performance.md) ...
+    Measured with :data:`DEFAULT_PROBES` lists probed (bench/codes.py, docs/performance.md): on
+    10M vectors that follow real fingerprints, 100 candidates hold the true 10 nearest at
+    recall 0.991 and 500 at 0.999; on the real UC Merced fingerprints 50 reach 0.996. The
+    default keeps a margin over the cheapest setting: a candidate costs one row read (~50 µs
+    from the page cache), a missed neighbour is a wrong answer.
     """
     return int(min(rows, max(10 * m, 500)))
 
