@@ -208,6 +208,20 @@ def test_no_index_bad_method_and_auto_choice(store_dir):
     assert default_candidates(10, 10**7) == 500 and default_candidates(100, 10**6) == 1000
 
 
+def test_an_index_of_the_first_format_is_refused_with_the_rebuild_command(client, store_dir):
+    """Index version 1 (one global code, no lists) cannot be searched by this code: a clear error, and
+    rebuilding replaces it."""
+    import zarr
+
+    build_index(store_dir.path, IndexOptions(nbits=64), client=client)
+    g = zarr.open_group(str(store_dir.path / "index"), mode="r+", zarr_format=3)
+    g.attrs.update({"version": 1, "method": "itq"})
+    with pytest.raises(StoreError, match=r"version/method 1/itq is not supported.*dask-fp index"):
+        code_search(store_dir.open(), store_dir.fingerprint[:1], 5)
+    build_index(store_dir.path, IndexOptions(nbits=64), client=client)
+    assert open_index(store_dir.open()).attrs["version"] == 2
+
+
 def test_cli_index_and_query_method(client, store_dir, capsys):
     addr = client.scheduler.address
     assert main(["index", str(store_dir.path), "--nbits", "64", "--scheduler", addr]) == 0
