@@ -88,15 +88,20 @@ def make_store(args: argparse.Namespace, path: Path) -> Any:
 
 def make_index(path: Path, client: Any) -> float | None:
     """Build the store's index unless one covering every row is there; seconds taken (None: reused)."""
+    from dask_fp.errors import StoreError
     from dask_fp.index import IndexOptions, build_index, has_index, open_index
     from dask_fp.store import open_store
 
     st = open_store(path)
     if has_index(st):
-        idx = open_index(st)
-        if idx.indexed == st.committed and int(idx.attrs["nbits"]) == IndexOptions().nbits:
-            print(f"index of {path}: reusing ({idx.indexed:,} rows)")
-            return None
+        try:
+            idx = open_index(st)
+        except StoreError as e:  # an index of an earlier format: rebuilt below
+            print(f"index of {path}: {e}")
+        else:
+            if idx.indexed == st.committed and int(idx.attrs["nbits"]) == IndexOptions().nbits:
+                print(f"index of {path}: reusing ({idx.indexed:,} rows)")
+                return None
     t0 = time.perf_counter()
     build_index(path, IndexOptions(), client=client)
     took = time.perf_counter() - t0
