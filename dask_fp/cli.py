@@ -363,8 +363,8 @@ def cmd_index(args: argparse.Namespace) -> int:
         info = build_index(args.store, IndexOptions(nbits=args.nbits, lists=args.lists,
                                                         train_rows=args.train_rows),
                            client=client, wait=args.wait)
-    print(f"index of {args.store}: {info['indexed']} rows, {info['nbits']} bits ({info['nbits'] // 8} B/tile),"
-          f" {info['lists']} lists, trained on {info['trained_on']} rows, {info['seconds']} s")
+    print(f"index of {args.store}: {info['indexed']} rows, {info['nbits']} bits ({info['nbits'] // 8 + 12} B/tile"
+          f" with list and norms), {info['lists']} lists, trained on {info['trained_on']} rows, {info['seconds']} s")
     return 0
 
 

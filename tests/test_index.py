@@ -225,7 +225,8 @@ def test_an_index_of_the_first_format_is_refused_with_the_rebuild_command(client
 def test_cli_index_and_query_method(client, store_dir, capsys):
     addr = client.scheduler.address
     assert main(["index", str(store_dir.path), "--nbits", "64", "--scheduler", addr]) == 0
-    assert f"{len(store_dir.fingerprint)} rows, 64 bits (8 B/tile)" in capsys.readouterr().out
+    n = len(store_dir.fingerprint)
+    assert f"{n} rows, 64 bits (20 B/tile with list and norms), {round(n ** 0.5)} lists" in capsys.readouterr().out
     uid = str(int(store_dir.cols["uid"][5]))
     assert main(["query", str(store_dir.path), "--uid", uid, "--method", "codes", "--json", "--probes", "2",
                  "--scheduler", addr]) == 0
