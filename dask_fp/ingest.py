@@ -162,11 +162,14 @@ def ingest(
         writer.finish()
         report.client_bytes = pipe.received + hash_bytes
         if jobs:  # the compact-code index (if the store has one) follows, still under the lock
-            from .index import extend_index, has_index
+            from .index import extend_index, has_index, old_index
 
             st = open_store(store)
             if has_index(st):
                 report.indexed = extend_index(st, client=client)
+            elif old_index(st):
+                say(f"warning: {store}: its compact-code index is of an earlier format and was not extended;"
+                    f" searches scan the store exactly until it is rebuilt: `dask-fp index {store}`.")
     for spec, slot in zip(specs, slots, strict=True):
         if slot is None:
             report.sources.append(SourceReport(spec.path, -1, 0, 0, 0, 0.0, skipped=True))

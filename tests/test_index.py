@@ -19,6 +19,8 @@ from dask_fp.index import (
     code_search,
     default_candidates,
     extend_index,
+    has_index,
+    old_index,
     open_index,
 )
 from dask_fp.index.layout import ROW_ARRAYS
@@ -256,3 +258,17 @@ def test_ingest_extends_the_index_of_the_store_it_appends_to(client, tmp_path):
     assert report.indexed == 5 * 5 and idx.indexed == st.committed == 9 * 9 + 5 * 5
     np.testing.assert_array_equal(idx.params.centroids, before.params.centroids)  # extended, not retrained
     assert_stored_codes(idx, np.asarray(st.arrays["fingerprint"][:]))
+    # An index of the first format is not extended (a warning says how to rebuild it); the rows commit,
+    # and searches (method auto) scan them exactly.
+    import zarr
+
+    zarr.open_group(str(out / "index"), mode="r+", zarr_format=3).attrs.update({"version": 1, "method": "itq"})
+    said: list[str] = []
+    report = dask_fp.ingest([str(write_tif(tmp_path / "c.tif", textured(192, 192, seed=3)))], str(out), log=said.append,
+                            **kw)
+    st = open_store(out)
+    assert report.indexed == 0 and st.committed == 9 * 9 + 2 * 5 * 5
+    assert any("index is of an earlier format" in m and f"dask-fp index {out}" in m for m in said), said
+    assert not has_index(st) and old_index(st) and choose_method(st, "auto") == "exact"
+    hits = search(st, uids=[int(st.arrays["uid"][-1])], k=3, method="auto").table
+    assert len(hits) == 3

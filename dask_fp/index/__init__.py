@@ -27,7 +27,8 @@ the sample's residuals) and encodes every committed row (under the store's
 writer lock); :func:`extend_index` encodes the rows added since
 (``indexed..committed``) with the trained parameters. An index of the
 earlier format (version 1: one global binary code) is refused with the
-command that rebuilds it.
+command that rebuilds it; searches (``method="auto"``), ``serve`` and ingest
+ignore it (ingest warns).
 
 Query (:func:`code_search`): the query's distances to the centroids pick its
 lists (the nearest ``probes``, more until they hold ``candidates`` rows); one
@@ -44,7 +45,7 @@ cut (recall, measured in ``bench/codes.py``).
 """
 
 from .build import IndexOptions, build_index, default_lists, extend_index
-from .layout import CODE_TASK_ROWS, INDEX_GROUP, INDEX_VERSION, Index, has_index, open_index
+from .layout import CODE_TASK_ROWS, INDEX_GROUP, INDEX_VERSION, Index, has_index, old_index, open_index
 from .search import (
     AUTO_CODES_ROWS,
     DEFAULT_PROBES,
@@ -58,5 +59,5 @@ from .search import (
 __all__ = [
     "AUTO_CODES_ROWS", "CODE_TASK_ROWS", "DEFAULT_PROBES", "INDEX_GROUP", "INDEX_VERSION", "Index", "IndexOptions",
     "build_index", "choose_method", "code_candidates", "code_search", "default_candidates", "default_lists",
-    "extend_index", "has_index", "open_index", "rerank",
+    "extend_index", "has_index", "old_index", "open_index", "rerank",
 ]

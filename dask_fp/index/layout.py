@@ -120,9 +120,19 @@ def open_index(store: Store | str | os.PathLike[str]) -> Index:
 
 
 def has_index(store: Store) -> bool:
-    """Whether ``store`` holds an index group."""
+    """Whether ``store`` holds an index this version searches (not one of an earlier format:
+    :func:`old_index` tells those, which only a rebuild with ``dask-fp index`` replaces)."""
+    try:
+        a = store.group[INDEX_GROUP].attrs
+    except KeyError:
+        return False
+    return a.get("version") == INDEX_VERSION and a.get("method") == INDEX_METHOD
+
+
+def old_index(store: Store) -> bool:
+    """Whether ``store`` holds an index of an earlier format (ignored by searches and ingests)."""
     try:
         store.group[INDEX_GROUP]
     except KeyError:
         return False
-    return True
+    return not has_index(store)

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from ..index import AUTO_CODES_ROWS, Index, choose_method, has_index, open_index
+from ..index import AUTO_CODES_ROWS, Index, choose_method, has_index, old_index, open_index
 from ..store import Store, open_store
 from .app import ServeOptions, create_app
 
@@ -84,4 +84,7 @@ def load(store: Store, *, persist: bool, log: Callable[[str], None]) -> Index | 
     else:
         log("serve: searches scan every fingerprint exactly" + (
             "" if code_index is None else f" (the index is used from {AUTO_CODES_ROWS} rows on)"))
+    if old_index(store):
+        log(f"serve: the store's compact-code index is of an earlier format and is not used; rebuild it with"
+            f" `dask-fp index {store.path}`")
     return code_index
