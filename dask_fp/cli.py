@@ -15,7 +15,7 @@ from typing import Any
 
 from ._version import __version__
 from .cluster import KINDS
-from .errors import DaskFpError
+from .errors import DaskFpError, QueryError
 from .models import PRECISIONS, REGISTRY
 
 
@@ -179,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--include-self", action="store_true", help="keep the query's own (and labelled) tiles")
     q.add_argument("--method", choices=("auto", "exact", "codes"), default="auto",
                    help="exact scan, or compact codes + exact re-rank (auto: codes for large indexed stores)")
-    q.add_argument("--candidates", type=_positive, help="rows re-ranked exactly per query (--method codes)")
+    q.add_argument("--candidates", type=_positive,
+                   help="rows re-ranked exactly per query (--method codes; default max(10 x the rows fetched, 500);"
+                        " at least the rows fetched: k, or k x (2r+1)^2 with de-duplication)")
     q.add_argument("--probes", type=_positive,
                    help="index lists probed per query, at least (--method codes; default 8; more: higher recall)")
     _common_query_args(q, "write hits, mosaics, places (GeoJSON, GeoParquet) and score COGs here")
@@ -205,11 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ix = sub.add_parser("index", help="build (or rebuild) the store's compact-code index")
     ix.add_argument("store")
-    ix.add_argument("--nbits", type=_positive, default=512, help="bits per tile (multiple of 64, <= dimension)")
+    ix.add_argument("--nbits", type=_positive, help="bits per tile (multiple of 64, <= dimension; default 512)")
     ix.add_argument("--lists", type=_positive, default=None,
                     help="coarse lists (k-means centroids; default: sqrt(rows), at most 1024)")
-    ix.add_argument("--train-rows", type=_positive, default=20_000,
-                    help="rows that train the code (at least 40 per list are used)")
+    ix.add_argument("--train-rows", type=_positive,
+                    help="rows that train the code (default 20000; at least 40 per list are used)")
     ix.add_argument("--extend", action="store_true", help="only encode rows added since the last build")
     ix.add_argument("--wait", type=float, default=0.0, help="seconds to wait for the writer lock")
     _cluster_args(ix)
@@ -231,6 +233,7 @@ def _cluster(args: argparse.Namespace) -> Any:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     from .cluster import gpu_resources
+    from .index import index_summary
     from .ingest import ingest
     from .inspection import RasterOptions
     from .models import ModelOptions
@@ -251,16 +254,19 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     info = open_store(args.store).info()
     info["this_run"] = {"tiles_added": report.tiles, "seconds": round(report.seconds, 2),
                         "tiles_per_second": round(report.tiles / report.seconds, 2) if report.seconds else None,
-                        "skipped": [s.path for s in report.sources if s.skipped]}
+                        "skipped": [s.path for s in report.sources if s.skipped], "indexed": report.indexed}
+    info["index"] = index_summary(open_store(args.store))
     print(json.dumps(info, indent=2) if args.json else format_summary(info))
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from .index import index_summary
     from .store import format_summary, open_store
 
     store = open_store(args.store)
     info = store.info()
+    info["index"] = index_summary(store)
     if args.verify:
         store.verify()  # a StoreError naming the missing files, or nothing
         info["verified"] = True
@@ -286,13 +292,15 @@ def _filters(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_query(args: argparse.Namespace) -> int:
     from .export import write_outputs
-    from .index import choose_method
+    from .index import choose_method, old_index
     from .search import search
 
     with _cluster(args):
         session = _session(args)
         method = choose_method(session.store, args.method, filtered=args.area is not None or bool(args.sources))
-        print(f"method {method} ({session.store.committed} rows; --method {args.method})", file=sys.stderr)
+        print(f"method {method} ({session.store.committed} rows; --method {args.method})" + (
+            f"; the store's index is of an earlier format and not used: rebuild it with `dask-fp index {args.store}`"
+            if old_index(session.store) else ""), file=sys.stderr)
         if args.persist:
             session.store.persist()
         hits = search(session.store, images=args.image, uids=args.uid, lonlats=args.lonlat,
@@ -355,14 +363,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_index(args: argparse.Namespace) -> int:
     from .index import IndexOptions, build_index, extend_index
 
+    given = [f"--{n.replace('_', '-')}" for n in ("nbits", "lists", "train_rows") if getattr(args, n) is not None]
+    if args.extend and given:
+        raise QueryError(f"{args.store}: --extend encodes new rows with the trained code; {', '.join(given)}"
+                         " would change it. Drop them, or rebuild the index without --extend.")
+    set_opts = {n: getattr(args, n) for n in ("nbits", "lists", "train_rows") if getattr(args, n) is not None}
     with _cluster(args) as client:
         if args.extend:
             n = extend_index(args.store, client=client, wait=args.wait)
             print(f"index of {args.store}: encoded {n} new rows")
             return 0
-        info = build_index(args.store, IndexOptions(nbits=args.nbits, lists=args.lists,
-                                                        train_rows=args.train_rows),
-                           client=client, wait=args.wait)
+        info = build_index(args.store, IndexOptions(**set_opts), client=client, wait=args.wait)
     print(f"index of {args.store}: {info['indexed']} rows, {info['nbits']} bits ({info['nbits'] // 8 + 12} B/tile"
           f" with list and norms), {info['lists']} lists, trained on {info['trained_on']} rows, {info['seconds']} s")
     return 0

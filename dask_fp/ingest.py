@@ -169,7 +169,8 @@ def ingest(
                 report.indexed = extend_index(st, client=client)
             elif old_index(st):
                 say(f"warning: {store}: its compact-code index is of an earlier format and was not extended;"
-                    f" searches scan the store exactly until it is rebuilt: `dask-fp index {store}`.")
+                    " --method auto searches the store exactly (--method codes refuses it) until it is"
+                    f" rebuilt: `dask-fp index {store}`.")
     for spec, slot in zip(specs, slots, strict=True):
         if slot is None:
             report.sources.append(SourceReport(spec.path, -1, 0, 0, 0, 0.0, skipped=True))

@@ -151,6 +151,18 @@ def search(
         Only tiles of these sources (indices or paths as ``dask-fp info`` lists them).
     beta : float
         Weight of the negatives in the combined query.
+    method : {"auto", "exact", "codes"}
+        ``exact``: scan every fingerprint. ``codes``: scan the store's compact-code
+        index and re-rank the candidates exactly (:func:`dask_fp.index.code_search`).
+        ``auto``: codes for large stores with an index (:func:`dask_fp.index.choose_method`).
+    candidates : int, optional
+        Rows re-ranked exactly per query with ``codes`` (default :func:`dask_fp.index.default_candidates`);
+        at least the rows fetched per query: ``k``, or ``k·(2r+1)²`` with ``dedup`` (see the module doc).
+    probes : int
+        Index lists probed per query with ``codes``, at least (:data:`dask_fp.index.DEFAULT_PROBES`).
+    index : Index, optional
+        The store's opened index (e.g. :meth:`~dask_fp.index.Index.persist`-ed, so its codes stay in
+        cluster memory between queries); opened from the store for each query when None.
 
     Notes
     -----
@@ -158,17 +170,6 @@ def search(
     chunk task masks its rows before the distances), so a filtered search costs
     no more than an unfiltered one. With a filter, fewer than ``k`` hits come back
     when fewer tiles pass it; a filter that keeps no tile at all is a QueryError.
-    method : {"auto", "exact", "codes"}
-        ``exact``: scan every fingerprint. ``codes``: scan the store's compact-code
-        index and re-rank the candidates exactly (:func:`dask_fp.index.code_search`).
-        ``auto``: codes for large stores with an index (:func:`dask_fp.index.choose_method`).
-    candidates : int, optional
-        Rows re-ranked exactly per query with ``codes`` (default :func:`dask_fp.index.default_candidates`).
-    probes : int
-        Index lists probed per query with ``codes``, at least (:data:`dask_fp.index.DEFAULT_PROBES`).
-    index : Index, optional
-        The store's opened index (e.g. :meth:`~dask_fp.index.Index.persist`-ed, so its codes stay in
-        cluster memory between queries); opened from the store for each query when None.
     """
     if not isinstance(k, int | np.integer) or isinstance(k, bool) or k < 1:
         raise QueryError(f"k must be a whole number >= 1, got {k!r}")
@@ -187,6 +188,10 @@ def search(
     n_own = max(len(q.excluded()) for q in qs)
     from_store = n_own > 0 and not include_self
     m = candidates_needed(int(k), tiling, dedup=dedup, from_store=from_store, n_own=n_own)
+    if candidates is not None and candidates < min(m, st.committed):
+        raise QueryError(f"candidates ({candidates}) is below the {m} rows fetched per query for k = {k}"
+                         + (" with de-duplication" if dedup else "") + f"; pass at least {min(m, st.committed)},"
+                         " or leave it unset (the default re-ranks 10 times that, at least 500).")
     vecs = np.stack([q.vector for q in qs]).astype(np.float32)
 
     how = choose_method(st, method, filtered=where is not None)

@@ -6,6 +6,8 @@ real Zarr on disk written through the store's writer, searched on a real LocalCl
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -192,6 +194,10 @@ def test_search_verb_with_codes_matches_exact(client, store_dir):
     uids = [int(u) for u in store_dir.cols["uid"][::150]]
     exact = search(st, uids=uids, k=5, method="exact").table
     codes = search(st, uids=uids, k=5, method="codes", candidates=st.committed).table
+    # k = 5 de-duplicated at stride 32 / tile 64 (reach 1): 5·3² rows, plus 3² for the query's own tile.
+    with pytest.raises(QueryError, match=r"candidates \(10\) is below the 54 rows fetched per query for k = 5"
+                                         r" with de-duplication; pass at least 54"):
+        search(st, uids=uids, k=5, method="codes", candidates=10)
     assert exact[["query", "rank", "uid", "distance"]].equals(codes[["query", "rank", "uid", "distance"]])
 
 
@@ -226,15 +232,26 @@ def test_an_index_of_the_first_format_is_refused_with_the_rebuild_command(client
 
 def test_cli_index_and_query_method(client, store_dir, capsys):
     addr = client.scheduler.address
-    assert main(["index", str(store_dir.path), "--nbits", "64", "--scheduler", addr]) == 0
+    path = str(store_dir.path)
+    assert main(["index", path, "--extend", "--scheduler", addr]) == 1
+    assert f"{path}: no index to extend; build one with `dask-fp index {path}`" in capsys.readouterr().err
+    assert main(["index", path, "--nbits", "64", "--scheduler", addr]) == 0
     n = len(store_dir.fingerprint)
     assert f"{n} rows, 64 bits (20 B/tile with list and norms), {round(n ** 0.5)} lists" in capsys.readouterr().out
+    assert main(["info", path]) == 0
+    assert f"index      ivf-itq v2: {n} rows coded (64 bits, {round(n ** 0.5)} lists, 20 B/tile)" in \
+        capsys.readouterr().out
+    assert main(["index", path, "--extend", "--lists", "3", "--scheduler", addr]) == 1
+    assert "--extend encodes new rows with the trained code; --lists would change it" in capsys.readouterr().err
     uid = str(int(store_dir.cols["uid"][5]))
     assert main(["query", str(store_dir.path), "--uid", uid, "--method", "codes", "--json", "--probes", "2",
                  "--scheduler", addr]) == 0
     out = capsys.readouterr()
     assert "method codes" in out.err and '"hits"' in out.out
     append_source(store_dir, 9, "d.tif")
+    assert main(["info", path, "--json"]) == 0
+    ix = json.loads(capsys.readouterr().out)["index"]
+    assert ix["indexed"] == n and ix["not_indexed"] > 0 and ix["usable"]
     assert main(["index", str(store_dir.path), "--extend", "--scheduler", addr]) == 0
     assert "encoded" in capsys.readouterr().out
     assert main(["index", str(store_dir.path) + "-missing", "--scheduler", addr]) == 1

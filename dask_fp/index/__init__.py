@@ -45,7 +45,16 @@ cut (recall, measured in ``bench/codes.py``).
 """
 
 from .build import IndexOptions, build_index, default_lists, extend_index
-from .layout import CODE_TASK_ROWS, INDEX_GROUP, INDEX_VERSION, Index, has_index, old_index, open_index
+from .layout import (
+    CODE_TASK_ROWS,
+    INDEX_GROUP,
+    INDEX_VERSION,
+    Index,
+    has_index,
+    index_summary,
+    old_index,
+    open_index,
+)
 from .search import (
     AUTO_CODES_ROWS,
     DEFAULT_PROBES,
@@ -59,5 +68,5 @@ from .search import (
 __all__ = [
     "AUTO_CODES_ROWS", "CODE_TASK_ROWS", "DEFAULT_PROBES", "INDEX_GROUP", "INDEX_VERSION", "Index", "IndexOptions",
     "build_index", "choose_method", "code_candidates", "code_search", "default_candidates", "default_lists",
-    "extend_index", "has_index", "old_index", "open_index", "rerank",
+    "extend_index", "has_index", "index_summary", "old_index", "open_index", "rerank",
 ]

@@ -159,6 +159,9 @@ def _extend(st: Store, client: Any) -> int:
     import zarr
 
     st = open_store(st.path)  # the committed count as of now
+    if INDEX_GROUP not in st.group:
+        raise StoreError(f"{st.path}: no index to extend; build one with `dask-fp index {st.path}`"
+                         " (without --extend).")
     idx = Index(st)
     start, stop = idx.indexed, st.committed
     if stop <= start:

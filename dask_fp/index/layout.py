@@ -48,6 +48,10 @@ class Index:
         ``centroids @ projection`` (a query's ``(q − c) P`` is ``qP − cP``).
     """
 
+    def __repr__(self) -> str:
+        return (f"Index({self.store.path}: {self.indexed} rows, {self.params.nbits} bits, {self.params.lists} lists,"
+                f" {'persisted' if self._blocks is not None else 'on disk'})")
+
     def __init__(self, store: Store) -> None:
         self.store = store
         try:
@@ -136,3 +140,17 @@ def old_index(store: Store) -> bool:
     except KeyError:
         return False
     return not has_index(store)
+
+
+def index_summary(store: Store) -> dict[str, Any] | None:
+    """What ``dask-fp info`` says of the store's index (None without one)."""
+    try:
+        a = dict(store.group[INDEX_GROUP].attrs)
+    except KeyError:
+        return None
+    if not has_index(store):
+        return {"format": f"{a.get('method')} v{a.get('version')}", "usable": False,
+                "rebuild": f"dask-fp index {store.path}"}
+    nbits, indexed = int(a["nbits"]), min(int(a["indexed"]), store.committed)
+    return {"format": f"{INDEX_METHOD} v{INDEX_VERSION}", "usable": True, "nbits": nbits, "lists": int(a["lists"]),
+            "indexed": indexed, "not_indexed": store.committed - indexed, "bytes_per_tile": nbits // 8 + 12}

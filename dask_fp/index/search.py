@@ -50,7 +50,8 @@ def choose_method(store: Store, method: str, *, filtered: bool = False) -> str:
         raise QueryError(f"method must be auto, exact or codes, got {method!r}")
     if filtered:
         if method == "codes":
-            raise QueryError("area and source filters run on the exact scan; drop --method codes, or the filter.")
+            raise QueryError("area and source filters run on the exact scan; search with method exact"
+                             " (--method exact) or auto, or drop the filter.")
         return "exact"
     if method == "auto":
         return "codes" if store.committed >= AUTO_CODES_ROWS and has_index(store) else "exact"

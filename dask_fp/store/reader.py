@@ -271,12 +271,20 @@ def format_summary(info: dict[str, Any]) -> str:
     for s in info["source_table"]:
         lines.append(f"  [{s['index']}] {s['path']}: {s['tiles']} tiles of {s['windows']} windows, "
                      f"{s['crs_name'] or 'no CRS'}")
+    ix = info.get("index")
+    if ix and ix["usable"]:
+        lines.append(f"index      {ix['format']}: {ix['indexed']} rows coded ({ix['nbits']} bits, {ix['lists']} lists,"
+                     f" {ix['bytes_per_tile']} B/tile)"
+                     + (f"; {ix['not_indexed']} newer rows scanned exactly" if ix["not_indexed"] else ""))
+    elif ix:
+        lines.append(f"index      {ix['format']}, an earlier format: not used; rebuild it with `{ix['rebuild']}`")
     if info.get("verified"):
         lines.append("verified   every chunk file of the committed rows is on disk")
     if "this_run" in info:
         r = info["this_run"]
         lines.append(f"this run   {r['tiles_added']} tiles in {r['seconds']} s ({r['tiles_per_second']} tiles/s)"
-                     + (f"; skipped {len(r['skipped'])} already stored" if r["skipped"] else ""))
+                     + (f"; skipped {len(r['skipped'])} already stored" if r["skipped"] else "")
+                     + (f"; {r['indexed']} rows added to the index" if r.get("indexed") else ""))
     return "\n".join(lines)
 
 
