@@ -138,14 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
     ing = sub.add_parser("ingest", help="fingerprint orthomosaics into a store")
     ing.add_argument("rasters", nargs="+", metavar="RASTER", help="GeoTIFF / COG files")
     ing.add_argument("--store", required=True, help="store directory (created if missing)")
-    ing.add_argument("--model", default="resnet18", choices=list(REGISTRY))
+    ing.add_argument("--model", choices=list(REGISTRY),
+                     help="default: the store's model when it exists, else resnet18 (likewise the options below)")
     ing.add_argument("--weights", metavar="PATH|random", help="weights file, or 'random' (tests only)")
-    ing.add_argument("--seed", type=int, default=0, help="seed for --weights random")
-    ing.add_argument("--tile", type=_positive, default=256)
-    ing.add_argument("--stride", type=_positive, default=128)
-    ing.add_argument("--max-empty", type=float, default=0.5, metavar="FRACTION")
+    ing.add_argument("--seed", type=int, help="seed for --weights random (default 0)")
+    ing.add_argument("--tile", type=_positive, help="default 256")
+    ing.add_argument("--stride", type=_positive, help="default 128")
+    ing.add_argument("--max-empty", type=float, metavar="FRACTION", help="default 0.5")
     ing.add_argument("--chunk", type=_positive, default=2048, metavar="PX", help="raster chunk side")
-    ing.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    ing.add_argument("--dtype", choices=["float32", "float16"], help="default float32")
     ing.add_argument("--bands", type=_int_list, metavar="R,G,B", help="1-based bands to use as RGB")
     ing.add_argument("--replicate", action="store_true", help="repeat a single band as R, G and B")
     ing.add_argument("--scale", type=_scale, metavar="percentile|MIN,MAX", help="scaling of non-uint8 data")
@@ -231,6 +232,23 @@ def _cluster(args: argparse.Namespace) -> Any:
                                      memory=args.memory))
 
 
+def _ingest_defaults(path: str) -> dict[str, Any]:
+    """What an ingest uses for the options not given: the settings of the store at ``path`` when
+    it is one (an append must match them), else the built-in defaults."""
+    from .errors import StoreError
+    from .store import open_store
+
+    d: dict[str, Any] = {"model": "resnet18", "weights": None, "seed": 0, "input_size": None, "tile": 256,
+                         "stride": 128, "max_empty": 0.5, "dtype": "float32"}
+    try:
+        a = open_store(path).attrs
+    except StoreError:  # a new store (or not a store: ingest says so)
+        return d
+    return {**d, "model": a["model"], "weights": "random" if a.get("weights") == "random" else None,
+            "seed": int(a.get("weights_seed") or 0), "input_size": a.get("input_size"), "tile": int(a["tile"]),
+            "stride": int(a["stride"]), "max_empty": float(a["max_empty"]), "dtype": a["dtype"]}
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
     from .cluster import gpu_resources
     from .index import index_summary
@@ -240,16 +258,23 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from .store import format_summary, open_store
     from .tiling import Tiling
 
+    d = _ingest_defaults(args.store)
     try:
-        tiling = Tiling(args.tile, args.stride, args.max_empty)
+        tiling = Tiling(*(d[n] if getattr(args, n) is None else getattr(args, n) for n in ("tile", "stride",
+                                                                                           "max_empty")))
     except ValueError as e:
         raise DaskFpError(str(e)) from None
     raster = RasterOptions(bands=args.bands, replicate=args.replicate, scale=args.scale, chunk=args.chunk)
+    same_model = args.model is None or args.model == d["model"]
     with _cluster(args) as client:
-        model = ModelOptions(name=args.model, weights=args.weights, seed=args.seed, device=args.device,
-                             batch_size=args.batch_size, resources=gpu_resources(client),
-                             input_size=args.input_size, precision=args.precision)
-        report = ingest(args.rasters, args.store, model=model, tiling=tiling, raster=raster, dtype=args.dtype,
+        model = ModelOptions(name=args.model or d["model"], weights=args.weights or (d["weights"] if same_model
+                                                                                    else None),
+                             seed=args.seed if args.seed is not None else (d["seed"] if same_model else 0),
+                             device=args.device, batch_size=args.batch_size, resources=gpu_resources(client),
+                             input_size=args.input_size or (d["input_size"] if same_model else None),
+                             precision=args.precision)
+        report = ingest(args.rasters, args.store, model=model, tiling=tiling, raster=raster,
+                        dtype=args.dtype or d["dtype"],
                         client=client, wait=args.wait, progress=not args.quiet)
     info = open_store(args.store).info()
     info["this_run"] = {"tiles_added": report.tiles, "seconds": round(report.seconds, 2),

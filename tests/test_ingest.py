@@ -37,6 +37,10 @@ def test_cli_ingest_and_info_end_to_end(tif, tmp_path):
     again = json.loads(cli("ingest", tif, "--store", out, "--weights", "random", "--tile", 64, "--stride", 32,
                            "--workers", 1, "--json", "--quiet").stdout)
     assert again["this_run"]["tiles_added"] == 0 and again["tiles"] == info["tiles"]
+    # Appending without the model and tiling options takes the store's (random weights, 64/32 px).
+    third = write_tif(tmp_path / "third.tif", textured(160, 160, seed=6))
+    more = json.loads(cli("ingest", third, "--store", out, "--workers", 1, "--json", "--quiet").stdout)
+    assert more["this_run"]["tiles_added"] == 3 * 3 and more["tile"] == 64 and more["stride"] == 32  # 160 px
     st = dask_fp.open_store(out)
     assert len(np.unique(st.coords()["uid"])) == st.committed
 
