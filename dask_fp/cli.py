@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from ._version import __version__
@@ -232,21 +233,15 @@ def _cluster(args: argparse.Namespace) -> Any:
                                      memory=args.memory))
 
 
-def _ingest_defaults(path: str) -> dict[str, Any]:
-    """What an ingest uses for the options not given: the settings of the store at ``path`` when
-    it is one (an append must match them), else the built-in defaults."""
+def _appended_store(path: str) -> Any:
+    """The store at ``path`` when there is one (an ingest appends to it and must match its settings), else None."""
     from .errors import StoreError
     from .store import open_store
 
-    d: dict[str, Any] = {"model": "resnet18", "weights": None, "seed": 0, "input_size": None, "tile": 256,
-                         "stride": 128, "max_empty": 0.5, "dtype": "float32"}
     try:
-        a = open_store(path).attrs
+        return open_store(path)
     except StoreError:  # a new store (or not a store: ingest says so)
-        return d
-    return {**d, "model": a["model"], "weights": "random" if a.get("weights") == "random" else None,
-            "seed": int(a.get("weights_seed") or 0), "input_size": a.get("input_size"), "tile": int(a["tile"]),
-            "stride": int(a["stride"]), "max_empty": float(a["max_empty"]), "dtype": a["dtype"]}
+        return None
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -255,26 +250,29 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from .ingest import ingest
     from .inspection import RasterOptions
     from .models import ModelOptions
+    from .query import store_model_options, store_tiling
     from .store import format_summary, open_store
     from .tiling import Tiling
 
-    d = _ingest_defaults(args.store)
+    # Options not given: the store's own when appending (store_model_options, store_tiling), else the defaults.
+    st = _appended_store(args.store)
+    t = store_tiling(st) if st is not None else Tiling(256, 128, 0.5)
     try:
-        tiling = Tiling(*(d[n] if getattr(args, n) is None else getattr(args, n) for n in ("tile", "stride",
-                                                                                           "max_empty")))
+        tiling = Tiling(args.tile or t.tile, args.stride or t.stride,
+                        t.max_empty if args.max_empty is None else args.max_empty)
     except ValueError as e:
         raise DaskFpError(str(e)) from None
     raster = RasterOptions(bands=args.bands, replicate=args.replicate, scale=args.scale, chunk=args.chunk)
-    same_model = args.model is None or args.model == d["model"]
+    if st is not None and args.model in (None, st.attrs["model"]):
+        base = store_model_options(st, weights=args.weights)
+    else:
+        base = ModelOptions(name=args.model or "resnet18", weights=args.weights)
     with _cluster(args) as client:
-        model = ModelOptions(name=args.model or d["model"], weights=args.weights or (d["weights"] if same_model
-                                                                                    else None),
-                             seed=args.seed if args.seed is not None else (d["seed"] if same_model else 0),
-                             device=args.device, batch_size=args.batch_size, resources=gpu_resources(client),
-                             input_size=args.input_size or (d["input_size"] if same_model else None),
-                             precision=args.precision)
+        model = replace(base, seed=base.seed if args.seed is None else args.seed, device=args.device,
+                        batch_size=args.batch_size, resources=gpu_resources(client),
+                        input_size=args.input_size or base.input_size, precision=args.precision)
         report = ingest(args.rasters, args.store, model=model, tiling=tiling, raster=raster,
-                        dtype=args.dtype or d["dtype"],
+                        dtype=args.dtype or (st.attrs["dtype"] if st is not None else "float32"),
                         client=client, wait=args.wait, progress=not args.quiet)
     info = open_store(args.store).info()
     info["this_run"] = {"tiles_added": report.tiles, "seconds": round(report.seconds, 2),
