@@ -193,12 +193,14 @@ def asym_scores(codes: np.ndarray, table: np.ndarray) -> np.ndarray:
     return table.ravel()[flat].sum(axis=1, dtype=np.float32)
 
 
-def estimates(enc: Encoded, qc2: float, table: np.ndarray) -> np.ndarray:
+def estimates(codes: np.ndarray, rnorm2: np.ndarray, scale: np.ndarray, qc2: float,
+              table: np.ndarray) -> np.ndarray:
     """Estimated squared distances ``‖q − c‖² + ‖x − c‖² − 2·scale·⟨z, b⟩`` of rows coded in one list
-    (see the module doc): ``qc2`` is ``‖q − c‖²``, ``table`` the :func:`byte_tables` of ``z = (q − c) P``."""
-    est = asym_scores(enc.codes, table)
-    est *= -2 * enc.scale
-    est += enc.rnorm2
+    (see the module doc; ``codes``, ``rnorm2``, ``scale`` as in :class:`Encoded`): ``qc2`` is
+    ``‖q − c‖²``, ``table`` the :func:`byte_tables` of ``z = (q − c) P``."""
+    est = asym_scores(codes, table)
+    est *= -2 * scale
+    est += rnorm2
     est += np.float32(qc2)
     return est
 
@@ -210,11 +212,13 @@ def estimates(enc: Encoded, qc2: float, table: np.ndarray) -> np.ndarray:
 class CodeBlock:
     """A block of coded rows sorted by list, in memory (one scan task's share of the store).
 
-    ``enc`` is sorted by list; ``rows`` are the store rows of ``enc``'s entries; list
-    ``l``'s entries are ``offsets[l]:offsets[l + 1]``.
+    ``codes``, ``rnorm2``, ``scale`` (as in :class:`Encoded`) and ``rows`` (their store rows)
+    are sorted by list; list ``l``'s entries are ``offsets[l]:offsets[l + 1]``.
     """
 
-    enc: Encoded
+    codes: np.ndarray
+    rnorm2: np.ndarray
+    scale: np.ndarray
     rows: np.ndarray
     offsets: np.ndarray
 
@@ -222,9 +226,9 @@ class CodeBlock:
     def sort(cls, enc: Encoded, start: int, lists: int) -> CodeBlock:
         """The block of rows ``start..start+n`` coded as ``enc`` (in row order)."""
         order = np.argsort(enc.lists, kind="stable")
-        srt = Encoded(*(np.ascontiguousarray(a[order]) for a in (enc.lists, enc.codes, enc.rnorm2, enc.scale)))
-        offsets = np.searchsorted(srt.lists, np.arange(lists + 1)).astype(np.int64)
-        return cls(enc=srt, rows=order.astype(np.int64) + start, offsets=offsets)
+        offsets = np.searchsorted(enc.lists[order], np.arange(lists + 1)).astype(np.int64)
+        codes, rnorm2, scale = (np.ascontiguousarray(a[order]) for a in (enc.codes, enc.rnorm2, enc.scale))
+        return cls(codes=codes, rnorm2=rnorm2, scale=scale, rows=order.astype(np.int64) + start, offsets=offsets)
 
     def candidates(self, probes: np.ndarray, qc2: np.ndarray, z: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
         """Each query's ``m`` best rows of its probed lists by estimated distance.
@@ -244,7 +248,6 @@ class CodeBlock:
         (estimate float32 (q, w), rows int64 (q, w)), sorted by (estimate, row); ``w = min(m, the
         most rows any query probed here)``, shorter lists padded with ``inf`` and row ``-1``.
         """
-        e = self.enc
         out = []
         for i in range(len(probes)):
             tables = byte_tables(z[i])
@@ -253,8 +256,8 @@ class CodeBlock:
             for j, lst in enumerate(np.asarray(probes[i]).tolist()):
                 lo, hi = int(self.offsets[lst]), int(self.offsets[lst + 1])
                 if hi > lo:  # the list's rows are one contiguous slice: views, no copies
-                    part = Encoded(e.lists[lo:hi], e.codes[lo:hi], e.rnorm2[lo:hi], e.scale[lo:hi])
-                    est.append(estimates(part, float(qc2[i, j]), tables[j]))
+                    est.append(estimates(self.codes[lo:hi], self.rnorm2[lo:hi], self.scale[lo:hi],
+                                         float(qc2[i, j]), tables[j]))
                     rows.append(self.rows[lo:hi])
             if not est:
                 est.append(np.empty(0, np.float32))

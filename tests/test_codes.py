@@ -76,7 +76,7 @@ def test_estimate_is_exact_for_a_residual_its_code_holds_exactly():
     for lst in range(3):
         sel = enc.lists == lst
         part = Encoded(*(a[sel] for a in (enc.lists, enc.codes, enc.rnorm2, enc.scale)))
-        est[sel] = estimates(part, float((qc[lst] ** 2).sum()), tables[lst])
+        est[sel] = estimates(part.codes, part.rnorm2, part.scale, float((qc[lst] ** 2).sum()), tables[lst])
     np.testing.assert_allclose(est, ((x - q) ** 2).sum(1), rtol=1e-4)
     np.testing.assert_allclose(est, oracle_estimates(enc, p, q), rtol=1e-5)
 
